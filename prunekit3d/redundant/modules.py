@@ -1,0 +1,198 @@
+"""Parallel and sequential redundant modules (PRM, SRM).
+
+A redundant module holds several branches beside a residual path, each scaled by one learnable
+scalar gate and switchable on and off through a boolean buffer::
+
+    PRM:  x --+-- g_0 * (f(x) - x) --+
+              +-- g_1 * LNB_1(x) ----+-- x + sum --> [LeakyReLU] --> y
+              +-- g_k * LNB_k(x) ----+
+
+    SRM:  x -> x + g_0 * (f(x) - x) -> . + g_1 * LNB_1(.) -> ... -> [LeakyReLU] -> y
+
+Branch 0 may be an *original block* ``f`` (a block of a pretrained model that :func:`prunekit3d.wrap`
+replaced); its gate starts at 1 and the light branches' gates at 0, so a freshly built module computes
+exactly ``f``. The original branch is evaluated as ``torch.lerp(x, f(x), g_0)``, which is bit-exact
+``f(x)`` at ``g_0 = 1``. With no active branch a module is the identity.
+
+The public contract used by calibration, pruning and slimming: ``.branches`` (ModuleList),
+``.gates`` (Parameter), ``.active`` (bool buffer), ``.mask(indices)``, ``.unmask(indices)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit3d.redundant.branches import NEGATIVE_SLOPE, LightBranch, hidden_channels, kernel_family
+
+__all__ = ["RedundantModule", "ParallelRedundantModule", "SequentialRedundantModule", "MODES"]
+
+
+class RedundantModule(nn.Module):
+    """State shared by the parallel and sequential modules.
+
+    Args:
+        channels: channels ``C`` of the input and output.
+        branches: number of light branches (a kernel family: 7, 4 or 1) or a list of kernel sizes.
+        exp_ratio: hidden width of each light branch as a fraction of ``C``.
+        original: a shape-preserving block kept as branch 0 (its gate starts at 1), or ``None``.
+        out_activation: apply LeakyReLU to the sum (the PSP-Seg modules do; wrapped blocks do not,
+            so that they compute exactly the original block at start).
+    """
+
+    mode: str = ""
+
+    def __init__(
+        self,
+        channels: int,
+        branches: int | Sequence[Sequence[int]] = 7,
+        exp_ratio: float = 0.5,
+        original: nn.Module | None = None,
+        out_activation: bool = False,
+    ) -> None:
+        super().__init__()
+        kernels = kernel_family(branches)
+        hidden = hidden_channels(channels, exp_ratio)
+        self.channels = channels
+        self.exp_ratio = float(exp_ratio)
+        self.has_original = original is not None
+        light = [LightBranch(channels, hidden, k) for k in kernels]
+        self.branches = nn.ModuleList(([original] if original is not None else []) + light)
+        start = torch.zeros(len(self.branches))
+        if self.has_original:
+            start[0] = 1.0
+        self.gates = nn.Parameter(start)
+        self.register_buffer("active", torch.ones(len(self.branches), dtype=torch.bool))
+        # Branches masked at the latest pruning event; only these can be restored.
+        self.register_buffer("restorable", torch.zeros(len(self.branches), dtype=torch.bool))
+        self.out_activation = bool(out_activation)
+
+    # ---- masking -------------------------------------------------------------------------
+    def _check(self, indices: Iterable[int]) -> list[int]:
+        idx = sorted({int(i) for i in indices})
+        bad = [i for i in idx if not 0 <= i < len(self.branches)]
+        if bad:
+            raise IndexError(f"branch indices {bad} out of range: this module has {len(self.branches)} branches")
+        return idx
+
+    def mask(self, indices: Iterable[int]) -> None:
+        """Switch branches off (they stay in memory and can be switched on again)."""
+        self.active[self._check(indices)] = False
+
+    def unmask(self, indices: Iterable[int]) -> None:
+        """Switch branches on again."""
+        self.active[self._check(indices)] = True
+
+    def active_indices(self) -> list[int]:
+        return [i for i, a in enumerate(self.active.tolist()) if a]
+
+    def is_original(self, index: int) -> bool:
+        return self.has_original and index == 0
+
+    def finish(self, z: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(z, NEGATIVE_SLOPE) if self.out_activation else z
+
+    def extra_repr(self) -> str:
+        kernels = [b.kernel for b in self.branches if isinstance(b, LightBranch)]
+        return (
+            f"channels={self.channels}, original={self.has_original}, kernels={kernels}, "
+            f"exp_ratio={self.exp_ratio}, out_activation={self.out_activation}"
+        )
+
+
+class ParallelRedundantModule(RedundantModule):
+    """PRM: ``y = act(x + sum_k active_k * g_k * delta_k(x))``; identity with no active branch.
+
+    The 1x1x1 reductions of all active light branches run as one convolution and the gates scale
+    the last norm's affine parameters, so no branch output is stacked or multiplied separately.
+
+    Example::
+
+        >>> m = ParallelRedundantModule(16, branches=4, exp_ratio=0.5, out_activation=True)
+        >>> m.mask([0, 1, 2, 3]); m(torch.ones(1, 16, 4, 4, 4)).eq(1).all().item()
+        True
+    """
+
+    mode = "parallel"
+
+    def _light_sum(self, x: torch.Tensor, light: list[int]) -> torch.Tensor:
+        branches = [self.branches[k] for k in light]
+        weight = torch.cat([b.reduce.weight for b in branches])
+        bias = torch.cat([b.reduce.bias for b in branches])
+        h = F.conv3d(x, weight, bias)
+        h = F.instance_norm(
+            h,
+            weight=torch.cat([b.norm1.weight for b in branches]),
+            bias=torch.cat([b.norm1.bias for b in branches]),
+            eps=branches[0].norm1.eps,
+        )
+        h = F.leaky_relu(h, NEGATIVE_SLOPE, inplace=True)
+        total: torch.Tensor | None = None
+        for k, b, part in zip(light, branches, h.split([b.reduce.out_channels for b in branches], dim=1)):
+            g = self.gates[k]
+            y = F.instance_norm(b.conv(part), weight=g * b.norm2.weight, bias=g * b.norm2.bias, eps=b.norm2.eps)
+            total = y if total is None else total + y
+        assert total is not None
+        return total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self.active_indices()
+        if not active:
+            return x
+        light = [k for k in active if not self.is_original(k)]
+        z = torch.lerp(x, self.branches[0](x), self.gates[0]) if self.has_original and active[0] == 0 else x
+        if light:
+            z = z + self._light_sum(x, light)
+        return self.finish(z)
+
+    def contributions(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each active branch's additive term ``g_k * delta_k(x)``: ``y = finish(x + sum)``."""
+        out: dict[int, torch.Tensor] = {}
+        for k in self.active_indices():
+            if self.is_original(k):
+                out[k] = torch.lerp(x, self.branches[0](x), self.gates[0]) - x
+            else:
+                out[k] = self.gates[k] * self.branches[k](x)
+        return out
+
+
+class SequentialRedundantModule(RedundantModule):
+    """SRM: the active branches applied one after another, ``z <- z + g_k * delta_k(z)``.
+
+    The ablation that PSP-Seg compares the parallel module against; branches feed each other, so
+    removing one changes the input of every later one.
+    """
+
+    mode = "sequential"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self.active_indices()
+        if not active:
+            return x
+        z = x
+        for k in active:
+            if self.is_original(k):
+                z = torch.lerp(z, self.branches[0](z), self.gates[0])
+            else:
+                z = z + self.gates[k] * self.branches[k](z)
+        return self.finish(z)
+
+    def contributions(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each active branch's step ``z_after - z_before`` along the chain: ``y = finish(x + sum)``."""
+        out: dict[int, torch.Tensor] = {}
+        z = x
+        for k in self.active_indices():
+            nxt = torch.lerp(z, self.branches[0](z), self.gates[0]) if self.is_original(k) else z + self.gates[k] * self.branches[k](z)
+            out[k] = nxt - z
+            z = nxt
+        return out
+
+
+#: Redundant module class by ``mode`` name.
+MODES: dict[str, type[RedundantModule]] = {
+    "parallel": ParallelRedundantModule,
+    "sequential": SequentialRedundantModule,
+}
