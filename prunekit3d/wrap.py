@@ -26,7 +26,7 @@ from torch import nn
 
 from prunekit3d.redundant import MODES, LightBranch, RedundantModule, kernel_family
 
-__all__ = ["BlockSpec", "WrapSpec", "wrap", "redundant_modules", "find_blocks", "wrap_spec", "apply_wrap_spec"]
+__all__ = ["BlockSpec", "WrapSpec", "wrap", "redundant_modules", "find_blocks", "wrap_spec", "apply_wrap_spec", "unwrap"]
 
 Targets = Union[Sequence[str], type, tuple[type, ...], Callable[[str, nn.Module], bool], None]
 
@@ -64,9 +64,14 @@ class _Call:
     writes_output: bool
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (names stay stable)."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
 def redundant_modules(model: nn.Module) -> list[tuple[str, RedundantModule]]:
     """``(qualified_name, module)`` of every redundant module in ``model``, in definition order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, RedundantModule)]
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, RedundantModule)]
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -232,9 +237,13 @@ def _select_targets(model: nn.Module, calls: dict[nn.Module, list[_Call]], targe
         else:
             raise TypeError("targets must be qualified names, module types, or a predicate(name, module) -> bool")
         names = {m: n for n, m in model.named_modules()}
-        chosen = _outermost(model, lambda m: bool(predicate(names[m], m)))
+        # Types and predicates select among the shape-preserving modules; names must be exact.
+        chosen = _outermost(model, lambda m: _shape_preserving(calls.get(m, [])) and bool(predicate(names[m], m)))
         if not chosen:
-            raise ValueError(f"targets={targets!r} matched no module of {type(model).__name__}")
+            raise ValueError(
+                f"targets={targets!r} matched no shape-preserving module of {type(model).__name__}; "
+                "match blocks whose input and output have the same shape, or pass qualified names"
+            )
     names = {m: n for n, m in model.named_modules()}
     for module in chosen:
         if not _shape_preserving(calls.get(module, [])):

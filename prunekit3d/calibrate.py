@@ -1,0 +1,196 @@
+"""Scoring: measure on calibration data which branches each redundant module can do without.
+
+For every redundant module with more than ``step`` active branches and every set ``S`` of ``step``
+active branches::
+
+    error(S) = sum over batches of || y_full - y_without_S ||_2
+
+with the module's input taken from the unpruned network. Everything happens in ONE pass over the
+data and nothing is cached across batches: inside each module, every branch's term ``g_k * delta_k(x)``
+is computed once per batch and all candidate sets are evaluated from those terms::
+
+    x --> [term_k for each active k] --> z = x + sum_k term_k --> y_full = act(z)   (passed on)
+                                     \\--> y_without_S = act(z - sum_{k in S} term_k)  (scored only)
+
+Sequential modules, whose branches feed each other, re-run their chain once per candidate set, still
+batch by batch. Peak memory is one batch's activations, whatever the number of batches.
+
+Scorers are pluggable: a scorer is a callable ``(module, x, candidates) -> (y_full, errors)``;
+:class:`ReconstructionError` is the default.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from prunekit3d.plan import ModuleDecision, PrunePlan
+from prunekit3d.redundant import RedundantModule, SequentialRedundantModule
+from prunekit3d.wrap import redundant_modules, unwrap
+
+__all__ = ["Scorer", "ReconstructionError", "GateMagnitude", "calibrate", "candidate_sets"]
+
+Candidate = tuple[int, ...]
+
+
+class Scorer(Protocol):
+    """Scores candidate sets of one module on one batch; lower means safer to remove."""
+
+    name: str
+
+    def __call__(
+        self, module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the module's full output (passed on through the network) and one score per candidate."""
+        ...
+
+
+def _without(module: RedundantModule, x: torch.Tensor, z: torch.Tensor, terms: Mapping[int, torch.Tensor], s: Candidate) -> torch.Tensor:
+    if len(s) == len(terms):
+        return x  # nothing left: the module is the identity
+    rest = z
+    for k in s:
+        rest = rest - terms[k]
+    return module.finish(rest)
+
+
+class ReconstructionError:
+    """``||y_full - y_without_S||_2`` per batch, from each branch's term computed once."""
+
+    name = "reconstruction"
+
+    def __call__(
+        self, module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(module, SequentialRedundantModule):
+            return self._rerun(module, x, candidates)
+        terms = module.contributions(x)
+        z = x
+        for t in terms.values():
+            z = z + t
+        y = module.finish(z)
+        errors = torch.stack(
+            [torch.linalg.vector_norm((y - _without(module, x, z, terms, s)).float()) for s in candidates]
+        )
+        return y, errors
+
+    @staticmethod
+    def _rerun(module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
+        y = module(x)
+        errors = []
+        for s in candidates:
+            module.mask(s)
+            try:
+                errors.append(torch.linalg.vector_norm((y - module(x)).float()))
+            finally:
+                module.unmask(s)
+        return y, torch.stack(errors)
+
+
+class GateMagnitude:
+    """Data-free baseline: ``sum_{k in S} |g_k|`` (a gate near zero marks a branch that adds little)."""
+
+    name = "gate-magnitude"
+
+    def __call__(
+        self, module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        gates = module.gates.detach().abs().float()
+        return module(x), torch.stack([gates[list(s)].sum() for s in candidates])
+
+
+def candidate_sets(module: RedundantModule, step: int) -> list[Candidate]:
+    """All sets of ``step`` active branches, in lexicographic order (the tie-break order)."""
+    return list(itertools.combinations(module.active_indices(), step))
+
+
+def _image(batch: Any, image_key: str) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping) and image_key in batch:
+        return batch[image_key]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]  # (image, label) pairs from a plain DataLoader
+    got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+    raise TypeError(f"calibration batch must be a tensor or a dict with key {image_key!r}; got {got}")
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    step: int = 1,
+    scorer: Scorer | None = None,
+    image_key: str = "image",
+) -> PrunePlan:
+    """Score every candidate set of ``step`` branches in every redundant module; one pass over ``batches``.
+
+    Args:
+        model: a model holding redundant modules (after :func:`prunekit3d.wrap`, or a PSP-Seg network).
+        batches: any iterable of input tensors, ``(image, label)`` pairs or dicts with ``image_key``.
+        step: branches to remove per module; modules with ``<= step`` active branches are skipped.
+        scorer: defaults to :class:`ReconstructionError`.
+        image_key: key of the input in dict batches (MONAI style).
+
+    Returns:
+        A :class:`~prunekit3d.plan.PrunePlan` with every candidate's error and the chosen set per
+        module (lowest error; ties go to the first set in lexicographic order). Under
+        ``torch.distributed`` the errors are summed over all ranks, so every rank decides the same.
+
+    Example::
+
+        >>> plan = calibrate(wrapped, [torch.randn(1, 1, 32, 32, 32) for _ in range(8)], step=1)
+        >>> prune(wrapped, plan)
+    """
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    model = unwrap(model)
+    scorer = scorer or ReconstructionError()
+    scored = {name: m for name, m in redundant_modules(model) if len(m.active_indices()) > step}
+    candidates = {name: candidate_sets(m, step) for name, m in scored.items()}
+    totals = {name: torch.zeros(len(c), dtype=torch.float64) for name, c in candidates.items()}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def observer(name: str, module: RedundantModule):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y, errors = scorer(module, x, candidates[name])
+            totals[name] += errors.detach().to("cpu", torch.float64)
+            return y
+
+        return forward
+
+    training = model.training
+    model.eval()
+    for name, m in scored.items():
+        m.forward = observer(name, m)  # instance attribute shadows the class method for this pass only
+    count = 0
+    try:
+        for batch in batches:
+            model(_image(batch, image_key).to(device))
+            count += 1
+    finally:
+        for m in scored.values():
+            del m.forward
+        model.train(training)
+    if count == 0:
+        raise ValueError("calibrate got no batches: pass a non-empty iterable of input tensors")
+    if dist.is_available() and dist.is_initialized():
+        for name in sorted(totals):
+            t = totals[name].to(device)
+            dist.all_reduce(t)
+            totals[name] = t.cpu()
+        n = torch.tensor([count], device=device)
+        dist.all_reduce(n)
+        count = int(n.item())
+    plan = PrunePlan(step=step, batches=count, scorer=scorer.name)
+    for name, cands in candidates.items():
+        errors = totals[name].tolist()
+        best = min(range(len(cands)), key=lambda i: (errors[i], i))
+        plan.modules[name] = ModuleDecision([list(c) for c in cands], errors, list(cands[best]))
+    return plan
