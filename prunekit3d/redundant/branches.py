@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KERNEL_FAMILIES", "Kernel", "LightBranch", "kernel_family", "hidden_channels"]
+__all__ = ["KERNEL_FAMILIES", "Kernel", "LightBranch", "kernel_family", "hidden_channels", "instance_norm"]
 
 Kernel = tuple[int, int, int]
 
@@ -28,6 +29,15 @@ KERNEL_FAMILIES: dict[int, tuple[Kernel, ...]] = {
 }
 
 NEGATIVE_SLOPE = 0.01
+
+
+def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Instance norm computed as a group norm with one group per channel.
+
+    Identical results, but PyTorch's CPU group-norm kernel is about 3x faster than its instance norm
+    (which reshapes into a batch norm), and it accepts a single-voxel input.
+    """
+    return F.group_norm(x, x.shape[1], weight, bias, eps)
 
 
 def kernel_family(branches: int | Sequence[Sequence[int]]) -> tuple[Kernel, ...]:
@@ -82,8 +92,9 @@ class LightBranch(nn.Module):
         self.norm2 = nn.InstanceNorm3d(channels, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm2(self.conv(self.act(self.norm1(self.reduce(x)))))
+        h = instance_norm(self.reduce(x), self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        return self.expand(self.act(h))
 
     def expand(self, hidden: torch.Tensor) -> torch.Tensor:
         """Second half of the branch, from the already normalised and activated hidden map."""
-        return self.norm2(self.conv(hidden))
+        return instance_norm(self.conv(hidden), self.norm2.weight, self.norm2.bias, self.norm2.eps)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit3d.redundant.branches import NEGATIVE_SLOPE, LightBranch, hidden_channels, kernel_family
+from prunekit3d.redundant.branches import NEGATIVE_SLOPE, LightBranch, hidden_channels, instance_norm, kernel_family
 
 __all__ = ["RedundantModule", "ParallelRedundantModule", "SequentialRedundantModule", "MODES"]
 
@@ -123,17 +123,17 @@ class ParallelRedundantModule(RedundantModule):
         weight = torch.cat([b.reduce.weight for b in branches])
         bias = torch.cat([b.reduce.bias for b in branches])
         h = F.conv3d(x, weight, bias)
-        h = F.instance_norm(
+        h = instance_norm(
             h,
-            weight=torch.cat([b.norm1.weight for b in branches]),
-            bias=torch.cat([b.norm1.bias for b in branches]),
-            eps=branches[0].norm1.eps,
+            torch.cat([b.norm1.weight for b in branches]),
+            torch.cat([b.norm1.bias for b in branches]),
+            branches[0].norm1.eps,
         )
         h = F.leaky_relu(h, NEGATIVE_SLOPE, inplace=True)
         total: torch.Tensor | None = None
         for k, b, part in zip(light, branches, h.split([b.reduce.out_channels for b in branches], dim=1)):
             g = self.gates[k]
-            y = F.instance_norm(b.conv(part), weight=g * b.norm2.weight, bias=g * b.norm2.bias, eps=b.norm2.eps)
+            y = instance_norm(b.conv(part), g * b.norm2.weight, g * b.norm2.bias, b.norm2.eps)
             total = y if total is None else total + y
         assert total is not None
         return total
