@@ -15,15 +15,28 @@ The data flow reads as the package layout::
 __version__ = "0.1.0"
 
 from prunekit3d.calibrate import GateMagnitude, ReconstructionError, calibrate
+from prunekit3d.channels import ChannelPlan, ChannelRecord, channel_record, prune_channels
+from prunekit3d.fd import FDFeatures, FDLoss, find_fd_features, foreground_percentile
 from prunekit3d.io import ArtifactError, from_spec, load, load_manifest, save
 from prunekit3d.plan import ModuleDecision, PrunePlan
 from prunekit3d.prune import active_branches, prune, restore
 from prunekit3d.redundant import ParallelRedundantModule, RedundantModule, SequentialRedundantModule
+from prunekit3d.schedule import Decision, ProgressivePruner
 from prunekit3d.slim import slim
 from prunekit3d.wrap import WrapSpec, find_blocks, redundant_modules, wrap, wrap_spec
 
 __all__ = [
     "ArtifactError",
+    "ChannelPlan",
+    "ChannelRecord",
+    "Decision",
+    "FDFeatures",
+    "FDLoss",
+    "ProgressivePruner",
+    "channel_record",
+    "find_fd_features",
+    "foreground_percentile",
+    "prune_channels",
     "GateMagnitude",
     "ModuleDecision",
     "ParallelRedundantModule",

@@ -25,6 +25,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from prunekit3d.channels import ChannelPlan, apply_channel_plan, channel_record
 from prunekit3d.io.errors import ArtifactError
 from prunekit3d.io.files import atomic_directory, sha256
 from prunekit3d.io.spec import check_spec, from_spec
@@ -57,23 +58,35 @@ def _replay_slim(model: nn.Module, step: Step) -> nn.Module:
 
 
 #: Replay function per step kind; a new structural operation (e.g. channel pruning) adds one entry.
-_REPLAY: dict[str, Callable[[nn.Module, Step], nn.Module]] = {"wrap": _replay_wrap, "slim": _replay_slim}
+def _replay_channels(model: nn.Module, step: Step) -> nn.Module:
+    return apply_channel_plan(model, ChannelPlan.from_dict(step["plan"]))
+
+
+_REPLAY: dict[str, Callable[[nn.Module, Step], nn.Module]] = {
+    "wrap": _replay_wrap,
+    "slim": _replay_slim,
+    "channels": _replay_channels,
+}
 
 
 def _record_steps(model: nn.Module) -> tuple[nn.Module, list[Step]]:
     """The plain model to save and the steps that rebuild its architecture from the base network."""
     steps = [dict(s) for s in getattr(model, STEPS_ATTR, [])]
-    if redundant_modules(model):
-        blocks = wrap_spec(model)
-        if blocks.blocks:
-            steps.append({"kind": "wrap", "spec": blocks.to_dict()})
-        steps.append({"kind": "slim", "active": active_branches(model)})
-        model = slim(model)
-    elif not steps and any(isinstance(m, (GatedBlock, SlimParallel)) for m in model.modules()):
+    if not steps and not redundant_modules(model) and any(isinstance(m, (GatedBlock, SlimParallel)) for m in model.modules()):
         raise ValueError(
             f"this {type(model).__name__} was slimmed by prunekit3d.slim, which drops the masks that rebuild it; "
             "save the model before slim() (save slims it itself), or save a model returned by load()"
         )
+    # Channel rounds replay where they happened: on the plain network, or between wrap and slim.
+    rounds = channel_record(model)
+    steps += [{"kind": "channels", "plan": p.to_dict()} for p in rounds.at("plain")]
+    if redundant_modules(model):
+        blocks = wrap_spec(model)
+        if blocks.blocks:
+            steps.append({"kind": "wrap", "spec": blocks.to_dict()})
+        steps += [{"kind": "channels", "plan": p.to_dict()} for p in rounds.at("redundant")]
+        steps.append({"kind": "slim", "active": active_branches(model)})
+        model = slim(model)
     return model, steps
 
 

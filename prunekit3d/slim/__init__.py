@@ -2,16 +2,21 @@
 
 Each redundant module is replaced by a block built from its *active* branches only::
 
-    active branches             slim block
-    ---------------             ----------
-    none                        nn.Identity
-    original only (PRM)         GatedBlock: lerp(x, f(x), g)      (+ LeakyReLU -> SlimParallel)
-    light (+ original) (PRM)    SlimParallel: fused 1x1, per-branch k-conv, gates folded into the norms
-    any (SRM)                   the active steps in order: GatedBlock / one-branch SlimParallel
+    active branches               slim block
+    ---------------               ----------
+    none                          nn.Identity
+    original f only (PRM)         GatedBlock: lerp(x, f(x), g_0)   (SlimParallel if it has an out activation)
+    light (+ original) (PRM)      SlimParallel: one fused 1x1 reduction, a k-conv per branch, gates folded
+    any (SRM)                     the active steps in order (GatedBlock / one-branch SlimParallel)
 
-Masked branches, gates, ``active``/``restorable`` buffers and prunekit3d hooks are gone. The slim
-architecture depends only on which branches are active (:func:`prunekit3d.prune.active_branches`), so a model
-rebuilt from its base network, wrap spec and masks slims to the same state_dict keys and shapes::
+Masked branches, light-branch gates, ``active``/``restorable`` buffers and prunekit3d hooks are gone.
+The original block keeps its gate (a ``GatedBlock``) even when it is exactly 1: ``f`` may be any block,
+so the gate cannot be folded into it, and dropping it at 1 would make the architecture depend on a
+gate value. ``lerp`` costs what the residual add costs.
+
+The slim architecture depends only on which branches are active
+(:func:`prunekit3d.prune.active_branches`), so a model rebuilt from its base network, wrap spec and
+masks slims to the same state_dict keys and shapes -- how :func:`prunekit3d.load` rebuilds it::
 
     active = active_branches(pruned)                      # saved beside the slim weights
     rebuilt = set_active_branches(apply_wrap_spec(base(), spec), active)
@@ -35,7 +40,7 @@ __all__ = ["GatedBlock", "SlimParallel", "set_active_branches", "slim", "slim_mo
 
 
 def set_active_branches(model: nn.Module, active: Mapping[str, Sequence[int]]) -> nn.Module:
-    """Set every redundant module's ``active`` mask from :func:`prunekit3d.prune.active_branches` output, in place.
+    """Set every redundant module's ``active`` mask from :func:`prunekit3d.prune.active_branches`, in place.
 
     With the base network and the wrap spec this rebuilds the architecture of a slim model before
     its weights are loaded: ``slim(set_active_branches(apply_wrap_spec(base, spec), active))``.
@@ -57,11 +62,15 @@ def set_active_branches(model: nn.Module, active: Mapping[str, Sequence[int]]) -
 
 def _check_light(branch: nn.Module) -> LightBranch:
     if not isinstance(branch, LightBranch):
-        raise TypeError(f"expected a LightBranch, got {type(branch).__name__}: slim only knows prunekit3d's light branch")
+        raise TypeError(
+            f"expected a LightBranch, got {type(branch).__name__}: slim only knows prunekit3d's light branch"
+        )
     for norm in (branch.norm1, branch.norm2):
         # Dropping conv biases and folding gates is exact only for per-instance statistics with affine weights.
         if not norm.affine or norm.track_running_stats:
-            raise ValueError(f"light branch norms must be InstanceNorm3d(affine=True, track_running_stats=False); got {norm}")
+            raise ValueError(
+                f"light branch norms must be InstanceNorm3d(affine=True, track_running_stats=False); got {norm}"
+            )
     return branch
 
 
@@ -70,7 +79,7 @@ def _fuse(m: RedundantModule, light: list[int], original: GatedBlock | None, out
     branches = [_check_light(m.branches[k]) for k in light]
     ref = m.gates
     block = SlimParallel(
-        m.channels,
+        branches[0].conv.out_channels if branches else m.channels,  # channel pruning may have narrowed it
         [b.reduce.out_channels for b in branches],
         [b.kernel for b in branches],
         original=original,
@@ -99,10 +108,11 @@ def slim_module(m: RedundantModule) -> nn.Module:
     original = GatedBlock(m.branches[0], m.gates.detach()[0]) if m.has_original and active[0] == 0 else None
     light = [k for k in active if not m.is_original(k)]
     if isinstance(m, SequentialRedundantModule):
-        steps: list[nn.Module] = [original if m.is_original(k) else _fuse(m, [k], None, False) for k in active]  # type: ignore[misc]
+        # A sequential step multiplies its gate after the norm; folded, it agrees up to float rounding.
+        steps = [original if m.is_original(k) else _fuse(m, [k], None, False) for k in active]
         if m.out_activation:
             steps.append(nn.LeakyReLU(NEGATIVE_SLOPE))
-        out = steps[0] if len(steps) == 1 else nn.Sequential(*steps)
+        out = steps[0] if len(steps) == 1 else nn.Sequential(*steps)  # type: ignore[arg-type]
     elif isinstance(m, ParallelRedundantModule):
         out = original if not light and not m.out_activation else _fuse(m, light, original, m.out_activation)
     else:
@@ -120,7 +130,7 @@ _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_f
 
 
 def _drop_prunekit3d_hooks(model: nn.Module) -> None:
-    """Remove hooks that prunekit3d code registered (e.g. a calibration or FD hook left behind); keep the user's."""
+    """Remove hooks that prunekit3d code registered (a calibration or FD hook left behind); keep the user's."""
     for module in model.modules():
         for attr in _HOOK_DICTS:
             hooks = getattr(module, attr, {})
@@ -133,11 +143,12 @@ def _drop_prunekit3d_hooks(model: nn.Module) -> None:
 def slim(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace every redundant module of ``model`` by a plain block built from its active branches.
 
-    The result computes what the masked model computes (to float rounding), holds no masked branch,
-    gate, mask buffer or prunekit3d hook, and traces / exports to ONNX like any network.
+    The result computes what the masked model computes (bit for bit for parallel modules, to float
+    rounding for sequential ones), holds no masked branch, light-branch gate, mask buffer or prunekit3d
+    hook, and traces / exports to ONNX like any network (see :mod:`prunekit3d.export`).
 
     Args:
-        model: a model holding redundant modules (wrapped by :func:`prunekit3d.wrap`, or a PSP-Seg network).
+        model: a model holding redundant modules (from :func:`prunekit3d.wrap`, or a PSP-Seg network).
         inplace: modify ``model`` itself instead of a deep copy.
 
     Returns:

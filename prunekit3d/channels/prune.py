@@ -1,0 +1,331 @@
+"""Policy: how many channels each group of coupled layers loses, to a ratio or to a budget.
+
+Mechanism (which layers are coupled) comes from :mod:`prunekit3d.channels.graph`, scores from
+torch-pruning's importance classes; this module only decides::
+
+    model -- build_graph --> groups of coupled channels (heads, gates, ignored layers left out)
+          -- importance --> a score per channel of every group
+          -- ratio / budget --> lowest-scoring channels removed, group by group (or ranked globally)
+          -- record --> ChannelPlan appended to the model's channel record
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from prunekit3d.channels.graph import build_graph, channel_groups, output_layers, prunable_groups, sync_widths
+from prunekit3d.channels.record import ChannelPlan, add_round
+from prunekit3d.redundant import RedundantModule
+from prunekit3d.wrap import unwrap
+
+__all__ = ["IMPORTANCES", "MAX_RATIO", "count_flops", "count_params", "prune_channels"]
+
+Importance = Union[str, Callable[[tp.Group], "torch.Tensor | None"]]
+
+#: Channel scorers by name (torch-pruning's group importances: L2 magnitude, first-order Taylor).
+IMPORTANCES: dict[str, Callable[[], Callable[[tp.Group], torch.Tensor | None]]] = {
+    "magnitude": tp.importance.GroupMagnitudeImportance,
+    "taylor": tp.importance.GroupTaylorImportance,
+}
+
+#: No group of coupled channels ever loses more than this fraction (budgets and global ranking).
+MAX_RATIO = 0.9
+#: Ratio increment of the budget search (each increment is one pruning step).
+BUDGET_STEP = 0.025
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters of ``model``."""
+    return sum(p.numel() for p in unwrap(model).parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
+    """FLOPs of one eval-mode forward pass on ``example_input`` (torch's counter: 2 per multiply-add)."""
+    model = unwrap(model)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(example_input)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    return int(counter.get_total_flops())
+
+
+@dataclass
+class _Target:
+    """One group's removal candidates: scores per channel position (averaged over its blocks)."""
+
+    root: nn.Module
+    fn: Callable
+    scores: torch.Tensor  # one per position within a block
+    blocks: int  # channel blocks (group norm groups); a position is removed from every block
+    initial: int  # positions per block before the round
+
+    def keep(self, ratio: float) -> int:
+        return max(1, math.ceil(self.initial * (1.0 - ratio) - 1e-9))
+
+    def indices(self, positions: Sequence[int]) -> list[int]:
+        size = len(self.scores)
+        return sorted(p + b * size for p in positions for b in range(self.blocks))
+
+
+def _scorer(importance: Importance) -> tuple[Callable[[tp.Group], torch.Tensor | None], str]:
+    if isinstance(importance, str):
+        if importance not in IMPORTANCES:
+            close = difflib.get_close_matches(importance, IMPORTANCES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown importance {importance!r}: {hint}use one of {sorted(IMPORTANCES)} or a scorer")
+        return IMPORTANCES[importance](), importance
+    if callable(importance):
+        return importance, type(importance).__name__
+    raise TypeError("importance must be a name such as 'magnitude' or a callable(group) -> per-channel scores")
+
+
+@contextlib.contextmanager
+def _zero_missing_grads(model: nn.Module, needed: bool) -> Iterator[None]:
+    """Taylor scores need a gradient on every scored layer; layers the loss never reached score 0."""
+    if not needed:
+        yield
+        return
+    params = dict(model.named_parameters())
+    if not any(p.grad is not None for p in params.values()):
+        raise ValueError(
+            "importance='taylor' scores channels by weight x gradient, but the model holds no gradients: "
+            "run loss.backward() on real data first (or use importance='magnitude')"
+        )
+    missing = [name for name, p in params.items() if p.grad is None]
+    for name in missing:
+        params[name].grad = torch.zeros_like(params[name])
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():  # pruning replaced the parameters; names are stable
+            if name in missing:
+                p.grad = None
+
+
+def _resolve_ignored(model: nn.Module, ignored: Sequence[str | nn.Module] | None) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    out = []
+    for item in ignored or ():
+        if isinstance(item, nn.Module):
+            out.append(item)
+        elif item in modules:
+            out.append(modules[item])
+        else:
+            hint = difflib.get_close_matches(str(item), list(modules), n=3)
+            raise ValueError(
+                f"ignored names a module that {type(model).__name__} does not have: {item!r}"
+                + (f"; did you mean {hint}?" if hint else "; use names from model.named_modules()")
+            )
+    return out
+
+
+def _stage(model: nn.Module) -> str:
+    return "redundant" if any(isinstance(m, RedundantModule) for m in model.modules()) else "plain"
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    return {
+        name: m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    }
+
+
+def _removals(targets: list[_Target], ratio: float, global_pruning: bool) -> list[tuple[_Target, list[int]]]:
+    """Positions to remove from each target so that every group (or all together) keeps ``1 - ratio``."""
+    if not global_pruning:
+        out = []
+        for t in targets:
+            n = len(t.scores) - t.keep(ratio)
+            if n > 0:
+                out.append((t, torch.argsort(t.scores)[:n].tolist()))
+        return out
+    # Global: one ranking of all (normalised) scores, each group capped at MAX_RATIO.
+    total = sum(len(t.scores) for t in targets) - math.ceil(sum(t.initial for t in targets) * (1.0 - ratio) - 1e-9)
+    room = [max(0, len(t.scores) - t.keep(MAX_RATIO)) for t in targets]
+    ranked = sorted((float(s), i, p) for i, t in enumerate(targets) for p, s in enumerate(t.scores.tolist()))
+    chosen: dict[int, list[int]] = {}
+    for _, i, p in ranked:
+        if total <= 0:
+            break
+        if len(chosen.get(i, [])) < room[i]:
+            chosen.setdefault(i, []).append(p)
+            total -= 1
+    return [(targets[i], positions) for i, positions in chosen.items()]
+
+
+def _step(
+    graph: tp.DependencyGraph,
+    scorer: Callable[[tp.Group], torch.Tensor | None],
+    ignored: list[nn.Module],
+    initial: dict[tuple[nn.Module, bool], int],
+    ratio: float,
+    global_pruning: bool,
+) -> None:
+    """Score every group on the current weights and prune each to ``ratio`` of its initial channels."""
+    targets = []
+    for root, fn, group in prunable_groups(graph, ignored):
+        scores = scorer(group)
+        if scores is None:  # no weighted layer in the group
+            continue
+        blocks = channel_groups(graph, group)
+        # Taylor scores of a group the loss never reached are 0 / 0 after normalising: they rank first.
+        per_block = torch.nan_to_num(scores.detach().float().cpu().view(blocks, -1).mean(0), nan=0.0)
+        key = (root, graph.is_out_channel_pruning_fn(fn))
+        initial.setdefault(key, len(per_block))
+        targets.append(_Target(root, fn, per_block, blocks, initial[key]))
+    for target, positions in _removals(targets, ratio, global_pruning):
+        # Indices are relative to the root layer, whose channels no other group touches, so a group is
+        # built right before it is pruned: concatenation offsets then reflect the groups pruned so far.
+        group = graph.get_pruning_group(target.root, target.fn, target.indices(positions))
+        if graph.check_pruning_group(group):
+            group.prune()
+    sync_widths(graph.model)
+
+
+def _prune_to_budget(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    target_params: int | None,
+    target_flops: int | None,
+    step: Callable[[float], float],
+) -> float:
+    """Prune ``BUDGET_STEP`` more of every group at a time until the budget is met; the last ratio."""
+    if target_params is not None:
+        measure, budget = (lambda: count_params(model)), target_params
+    else:
+        measure, budget = (lambda: count_flops(model, example_input)), int(target_flops)  # type: ignore[arg-type]
+    done = 0.0
+    for k in range(1, round(MAX_RATIO / BUDGET_STEP) + 1):
+        if measure() <= budget:
+            return done
+        done = step(round(k * BUDGET_STEP, 6))
+    if measure() > budget:
+        warnings.warn(
+            f"channel pruning stopped at ratio {MAX_RATIO} with {measure():,} > budget {budget:,}: "
+            "the heads and the layers left out hold too much; prune blocks first or raise the budget",
+            stacklevel=3,
+        )
+    return done
+
+
+def _check_input(example_input: torch.Tensor) -> None:
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 5:
+        shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__
+        raise ValueError(
+            f"example_input must be a 5-D tensor (batch, channels, depth, height, width); got {shape}. "
+            "Pass e.g. torch.randn(1, in_channels, 32, 32, 32)."
+        )
+    if example_input.shape[0] != 1:
+        # Instance norm folds the batch into channels while tracing; one sample keeps channels apart.
+        raise ValueError(f"example_input must hold one sample (batch size 1), got batch size {example_input.shape[0]}")
+
+
+def prune_channels(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    ratio: float | None = None,
+    target_params: int | None = None,
+    target_flops: int | None = None,
+    importance: Importance = "magnitude",
+    global_pruning: bool = False,
+    ignored: Sequence[str | nn.Module] | None = None,
+) -> ChannelPlan:
+    """Remove the least important channels of ``model`` in place, keeping every coupled layer consistent.
+
+    torch-pruning's dependency graph (built by :func:`prunekit3d.channels.graph.build_graph`) groups
+    the layers whose channels must shrink together: a conv's outputs with the next layers' inputs, a
+    block's channels with its residual path, skip connections, concatenations, and inside redundant
+    and slim modules each light branch's hidden channels. The heads' outputs, the network input and
+    the gates are never pruned.
+
+    Give exactly one of ``ratio`` (fraction of every group's channels to remove), ``target_params`` or
+    ``target_flops`` (prune step by step, ``BUDGET_STEP`` of the channels at a time, until the model is
+    within the budget; a warning says if ``MAX_RATIO`` is reached first).
+
+    Args:
+        model: any 3-D network, plain, wrapped, block-pruned or slim (``DataParallel`` is unwrapped).
+        example_input: one sample ``(1, C, D, H, W)`` for tracing (and for counting FLOPs).
+        ratio: fraction of channels to remove, ``0 < ratio < 1``.
+        target_params: parameter budget of the pruned model.
+        target_flops: FLOP budget of one forward pass on ``example_input`` (see :func:`count_flops`).
+        importance: ``"magnitude"`` (group L2 norm), ``"taylor"`` (|weight x gradient|; backpropagate a
+            loss on real data first) or a torch-pruning importance (``callable(group) -> scores``).
+        global_pruning: rank channels across all groups (each capped at ``MAX_RATIO``) instead of
+            removing ``ratio`` from every group.
+        ignored: modules (or their qualified names) whose output channels stay.
+
+    Returns:
+        the :class:`ChannelPlan` of this round, also appended to ``channel_record(model)`` so that
+        :func:`prunekit3d.save` stores it.
+
+    Pruned layers get new parameter tensors: build the optimizer afterwards. The graph follows one
+    training-mode forward; a layer that forward never runs (e.g. nnU-Net's deep-supervision heads of
+    a network built without deep supervision) keeps its widths and no longer fits if switched on.
+
+    Example::
+
+        >>> from monai.networks.nets import BasicUNet
+        >>> net = BasicUNet(3, 1, 2, features=(8, 8, 16, 32, 64, 8))
+        >>> plan = prune_channels(net, torch.randn(1, 1, 32, 32, 32), ratio=0.5)
+        >>> plan.reduction() > 0.6, net(torch.randn(1, 1, 32, 32, 32)).shape
+        (True, torch.Size([1, 2, 32, 32, 32]))
+    """
+    _check_input(example_input)
+    given = {"ratio": ratio, "target_params": target_params, "target_flops": target_flops}
+    if sum(v is not None for v in given.values()) != 1:
+        raise ValueError(f"give exactly one of ratio, target_params, target_flops; got {given}")
+    if ratio is not None and not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be between 0 and 1 (the fraction of channels removed), got {ratio}")
+    for name in ("target_params", "target_flops"):
+        if given[name] is not None and given[name] <= 0:
+            raise ValueError(f"{name} must be a positive count, got {given[name]}")
+    scorer, scorer_name = _scorer(importance)
+    model = unwrap(model)
+    stage = _stage(model)
+    params_before, widths_before = count_params(model), _widths(model)
+
+    graph = build_graph(model, example_input)
+    ignored_layers = output_layers(graph) + _resolve_ignored(model, ignored)
+    initial: dict[tuple[nn.Module, bool], int] = {}
+
+    def step(r: float) -> float:
+        _step(graph, scorer, ignored_layers, initial, r, global_pruning)
+        return r
+
+    with _zero_missing_grads(model, needed=isinstance(scorer, tp.importance.GroupTaylorImportance)):
+        if ratio is not None:
+            done = step(ratio)
+        else:
+            done = _prune_to_budget(model, example_input, target_params, target_flops, step)
+    widths_after = _widths(model)
+    plan = ChannelPlan(
+        stage=stage,
+        input_shape=list(example_input.shape),
+        importance=scorer_name,
+        global_pruning=global_pruning,
+        ratio=float(done),
+        params_before=params_before,
+        params_after=count_params(model),
+        widths={n: [w, widths_after[n]] for n, w in widths_before.items() if widths_after.get(n, w) != w},
+        history=[[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in graph.pruning_history()],
+    )
+    add_round(model, plan)
+    return plan
