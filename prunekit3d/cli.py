@@ -15,7 +15,17 @@ from prunekit3d import __version__
 __all__ = ["main", "build_parser"]
 
 #: name -> (help line, function adding the arguments, function running the command)
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _commands() -> dict[str, Command]:
+    # The command modules import heavy libraries (MONAI, fvcore) only when a command runs.
+    from prunekit3d.recipes.cli_train import COMMAND as TRAIN
+
+    return {"train": TRAIN}
+
+
+COMMANDS: dict[str, Command] = _commands()
 
 
 def build_parser() -> argparse.ArgumentParser:
