@@ -22,7 +22,8 @@ from prunekit3d.plan import ModuleDecision, PrunePlan
 from prunekit3d.prune import active_branches, prune, restore
 from prunekit3d.redundant import ParallelRedundantModule, RedundantModule, SequentialRedundantModule
 from prunekit3d.schedule import Decision, ProgressivePruner
-from prunekit3d.slim import slim
+from prunekit3d.export import check_onnx, export_onnx, export_torchscript
+from prunekit3d.slim import set_active_branches, slim
 from prunekit3d.wrap import WrapSpec, find_blocks, redundant_modules, wrap, wrap_spec
 
 __all__ = [
@@ -34,6 +35,10 @@ __all__ = [
     "FDLoss",
     "ProgressivePruner",
     "channel_record",
+    "check_onnx",
+    "export_onnx",
+    "export_torchscript",
+    "set_active_branches",
     "find_fd_features",
     "foreground_percentile",
     "prune_channels",

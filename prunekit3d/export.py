@@ -51,10 +51,13 @@ def _atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[str]:
 
 def _check_input(example_input: torch.Tensor) -> None:
     if not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"example_input must be a tensor shaped like one model input, got {type(example_input).__name__}")
+        kind = type(example_input).__name__
+        raise TypeError(f"example_input must be one tensor shaped like the model's input, got {kind}")
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *, opset: int | None = None) -> Path:
+def export_onnx(
+    model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *, opset: int | None = None
+) -> Path:
     """Write ``model`` as an ONNX file whose input is named ``"input"`` (outputs keep the exporter's names).
 
     Args:
@@ -72,7 +75,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
             model, (example_input,), dynamo=True, opset_version=opset, input_names=["input"], verbose=False
         )
         if program is None:  # only the legacy exporter writes by itself
-            raise RuntimeError("torch.onnx.export(dynamo=True) returned no program; torch >= 2.5 is required")
+            raise RuntimeError("torch.onnx.export(dynamo=True) returned no program; use torch >= 2.5")
         program.save(tmp, external_data=False)
     return Path(path)
 

@@ -66,7 +66,7 @@ def _check_light(branch: nn.Module) -> LightBranch:
             f"expected a LightBranch, got {type(branch).__name__}: slim only knows prunekit3d's light branch"
         )
     for norm in (branch.norm1, branch.norm2):
-        # Dropping conv biases and folding gates is exact only for per-instance statistics with affine weights.
+        # Folding gates into the norms is exact only for per-instance statistics with affine weights.
         if not norm.affine or norm.track_running_stats:
             raise ValueError(
                 f"light branch norms must be InstanceNorm3d(affine=True, track_running_stats=False); got {norm}"
@@ -90,11 +90,13 @@ def _fuse(m: RedundantModule, light: list[int], original: GatedBlock | None, out
     )
     if branches:
         block.reduce.weight.copy_(torch.cat([b.reduce.weight for b in branches]))
+        block.reduce.bias.copy_(torch.cat([b.reduce.bias for b in branches]))
         block.norm1.weight.copy_(torch.cat([b.norm1.weight for b in branches]))
         block.norm1.bias.copy_(torch.cat([b.norm1.bias for b in branches]))
     for k, b, conv, norm in zip(light, branches, block.convs, block.norms):
         g = m.gates[k]
         conv.weight.copy_(b.conv.weight)
+        conv.bias.copy_(b.conv.bias)
         norm.weight.copy_(g * b.norm2.weight)
         norm.bias.copy_(g * b.norm2.bias)
     return block

@@ -54,10 +54,13 @@ class SlimParallel(nn.Module):
         y = [LeakyReLU](z + sum)
 
     All reductions run as one 1x1x1 convolution and one instance norm over the concatenated hidden
-    channels (instance norm is per channel, so this is exact). ``IN`` is an affine instance norm, held
-    as ``nn.GroupNorm(C, C)`` (one group per channel: the same numbers, a faster CPU kernel). Each branch's gate is folded into its
-    last norm's affine parameters; the branch outputs are accumulated with in-place adds. The convs
-    carry no bias: an instance norm right after a conv removes any per-channel constant.
+    channels (instance norm is per channel, so this is exact). ``IN`` is an affine instance norm held
+    as ``nn.GroupNorm(C, C)``: one group per channel gives the same numbers through a faster CPU
+    kernel. Each branch's gate is folded into its last norm's affine parameters, and the branch
+    outputs are accumulated in place (no stacking), in the masked module's order: the slim block
+    computes its numbers bit for bit. (The conv biases, which the norms cancel, are kept for that
+    reason: dropping them changes the rounding, and a bias add inside a conv costs nothing.) The kernel
+    families hold distinct kernels, so no two branches could share one convolution.
 
     Args:
         channels: channels ``C`` of input and output.
@@ -86,13 +89,15 @@ class SlimParallel(nn.Module):
         self.kernels = [tuple(int(s) for s in k) for k in kernels]
         self.hidden = [int(h) for h in hidden]
         if len(self.hidden) != len(self.kernels):
-            raise ValueError(f"got {len(self.hidden)} hidden widths for {len(self.kernels)} kernels; pass one per branch")
+            raise ValueError(
+                f"got {len(self.hidden)} hidden widths for {len(self.kernels)} kernels; pass one per branch"
+            )
         self.out_activation = bool(out_activation)
         if self.kernels:
-            self.reduce = nn.Conv3d(channels, sum(self.hidden), 1, bias=False, **kw)
+            self.reduce = nn.Conv3d(channels, sum(self.hidden), 1, **kw)
             self.norm1 = _instance_norm(sum(self.hidden), eps, **kw)
         self.convs = nn.ModuleList(
-            nn.Conv3d(h, channels, k, padding=tuple(s // 2 for s in k), bias=False, **kw)
+            nn.Conv3d(h, channels, k, padding=tuple(s // 2 for s in k), **kw)
             for h, k in zip(self.hidden, self.kernels)
         )
         self.norms = nn.ModuleList(_instance_norm(channels, eps, **kw) for _ in self.kernels)
