@@ -20,9 +20,10 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 
 def _commands() -> dict[str, Command]:
     # The command modules import heavy libraries (MONAI, fvcore) only when a command runs.
+    from prunekit3d.recipes.cli_compress import COMPRESS, DEMO, REPORT
     from prunekit3d.recipes.cli_train import COMMAND as TRAIN
 
-    return {"train": TRAIN}
+    return {"demo": DEMO, "compress": COMPRESS, "report": REPORT, "train": TRAIN}
 
 
 COMMANDS: dict[str, Command] = _commands()

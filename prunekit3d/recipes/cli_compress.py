@@ -1,0 +1,131 @@
+"""``prunekit3d compress``, ``report`` and ``demo``: argument parsing, then the Python API.
+
+Each command is ``(help line, add_arguments(parser), run(args) -> exit code)`` as
+:data:`prunekit3d.cli.COMMANDS` holds it. Bad input raises ``ValueError`` / ``FileNotFoundError`` /
+``FileExistsError`` with one line naming the problem and the fix; ``prunekit3d.cli.main`` prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["COMPRESS", "DEMO", "REPORT", "add_compress_arguments", "add_demo_arguments", "add_report_arguments",
+           "run_compress", "run_demo", "run_report"]
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("network (for a state dict; an artifact records its own)")
+    group.add_argument("--model", metavar="DOTTED.PATH", help="network class, e.g. monai.networks.nets.DynUNet")
+    group.add_argument("--model-kwargs", metavar="JSON", help="its keyword arguments as a JSON object")
+    group.add_argument("--spec", metavar="FILE", help='JSON spec {"import_path": ..., "kwargs": {...}} instead')
+
+
+def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``compress``; unset flags are absent, so :class:`~prunekit3d.recipes.compress.CompressConfig`'s
+    defaults apply (and nothing heavy is imported to build the parser)."""
+    s = argparse.SUPPRESS
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="prunekit3d artifact directory, or state dict (.pt, .pth, .safetensors)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory (artifact, report.json, report.md)")
+    _model_arguments(parser)
+    data = parser.add_argument_group("calibration data")
+    data.add_argument("--calib", required=True, metavar="PATH",
+                      help="NIfTI file, folder of them, or MSD data set folder")
+    data.add_argument("--labels", default=s, metavar="PATH",
+                      help="labels of the calibration images: adds a supervised loss")
+    data.add_argument("--normalize", choices=["zscore", "none"], default=s,
+                      help="intensities: per-image z-score or as stored (zscore)")
+    budget = parser.add_argument_group("budget (fraction of the original network to keep)")
+    one = budget.add_mutually_exclusive_group()
+    one.add_argument("--target-params", type=float, default=s, metavar="R", help="keep at most R of the parameters")
+    one.add_argument("--target-flops", type=float, default=s, metavar="R", help="keep at most R of the FLOPs")
+    budget.add_argument("--channels", type=float, default=s, metavar="R",
+                        help="force channel pruning: remove R of the channels of every layer group")
+    sched = parser.add_argument_group("schedule (an epoch is --iters-per-epoch steps on --batch random patches)")
+    sched.add_argument("--patch", type=int, nargs="+", default=s, metavar="N", help="patch size, 1 or 3 numbers (64)")
+    sched.add_argument("--batch", type=int, default=s, help="patches per step (2)")
+    sched.add_argument("--epochs", type=int, default=s, help="end-to-end distillation epochs with block pruning (4)")
+    sched.add_argument("--blockwise-epochs", type=int, default=s, help="block-wise distillation epochs (4)")
+    sched.add_argument("--finetune-epochs", type=int, default=s, help="final distillation epochs (12)")
+    sched.add_argument("--iters-per-epoch", type=int, default=s, help="(10)")
+    sched.add_argument("--lr", type=float, default=s, help="Adam learning rate, poly decay per phase (5e-3)")
+    sched.add_argument("--max-block-error", type=float, default=s,
+                       help="replace an original block only if its stand-in error is at most this (0.05)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:N (auto)")
+    run.add_argument("--seed", type=int, default=s, help="(0)")
+    run.add_argument("--overwrite", action="store_true", default=s, help="replace a non-empty --out")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run (kept in DIR.partial)")
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from prunekit3d.recipes.compress import CompressConfig, compress
+
+    values = vars(args).copy()
+    values.pop("command", None)
+    resume = values.pop("resume")
+    if values.get("model_kwargs") is not None:
+        try:
+            values["model_kwargs"] = json.loads(values["model_kwargs"])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--model-kwargs is not valid JSON ({err}); e.g. '{{\"spatial_dims\": 3}}'") from None
+        if not isinstance(values["model_kwargs"], dict):
+            raise ValueError(f"--model-kwargs must be a JSON object of keyword arguments, got "
+                             f"{type(values['model_kwargs']).__name__}")
+    console = Console()
+    result = compress(CompressConfig.from_dict(values), resume=resume, console=console)
+    console.print(result.table())
+    console.print(f"wrote {result.out}/: the artifact (prunekit3d.load('{result.out}')), report.json, report.md")
+    return 0
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="TARGET",
+                        help="prunekit3d artifact directory, or state dict with --model/--spec")
+    _model_arguments(parser)
+    parser.add_argument("--input-size", type=int, nargs=5, required=True, metavar=("B", "C", "D", "H", "W"),
+                        help="input tensor size, e.g. 1 1 64 64 64")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (auto)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs, median reported (5)")
+    parser.add_argument("--no-train-step", dest="train_step", action="store_false", help="skip the training step")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from prunekit3d.recipes.checkpoints import build_model, model_spec
+    from prunekit3d.recipes.compress import _device
+    from prunekit3d.report import measure
+
+    model, _ = build_model(args.target, model_spec(args.model, args.model_kwargs, args.spec))
+    report = measure(model, args.input_size, name=Path(args.target).name, device=_device(args.device),
+                     repeats=args.repeats, train_step=args.train_step)
+    Console().print(report)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(report.to_json() + "\n", encoding="utf-8")
+    return 0
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="prunekit3d-demo", metavar="DIR", help="output directory (prunekit3d-demo)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (auto)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from prunekit3d.recipes.demo import run_demo as demo
+
+    demo(args.out, device=args.device, overwrite=args.overwrite)
+    return 0
+
+
+COMPRESS = ("compress a trained 3-D segmentation network to a budget, label-free", add_compress_arguments, run_compress)
+REPORT = ("measure a network: parameters, FLOPs, latency, peak memory", add_report_arguments, run_report)
+DEMO = ("compress a small DynUNet on the bundled sample CT and show before / after", add_demo_arguments, run_demo)

@@ -1,0 +1,237 @@
+"""`prunekit3d compress` end to end on a tiny MONAI DynUNet and the bundled sample CT: the budget, the files it
+writes, every bad input of the issue (exit code, one line, nothing written, input untouched) and resuming."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import DynUNet
+
+import prunekit3d as pk
+from prunekit3d.cli import main
+from prunekit3d.recipes.compress import CompressConfig, _Run, compress, partial_dir
+from prunekit3d.sample import sample_dataset
+
+KWARGS = dict(spatial_dims=3, in_channels=1, out_channels=3, kernel_size=[3, 3, 3], strides=[1, 2, 2],
+              upsample_kernel_size=[2, 2], filters=[4, 8, 16])
+MODEL = "monai.networks.nets.DynUNet"
+FAST = ["--patch", "32", "--batch", "1", "--blockwise-epochs", "1", "--epochs", "1", "--finetune-epochs", "3",
+        "--iters-per-epoch", "2", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _registered(monkeypatch):
+    """The commands as prunekit3d.cli registers them (kept here until cli.py lists them)."""
+    from prunekit3d.cli import COMMANDS
+    from prunekit3d.recipes.cli_compress import COMPRESS
+
+    if "compress" not in COMMANDS:
+        monkeypatch.setitem(COMMANDS, "compress", COMPRESS)
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "dynunet.pt"
+    torch.save(DynUNet(**KWARGS).state_dict(), path)
+    return path
+
+
+def _args(checkpoint: Path, out: Path, *extra: str, kwargs: dict | None = None, calib: str | None = None) -> list[str]:
+    return ["compress", str(checkpoint), "--out", str(out), "--model", MODEL,
+            "--model-kwargs", json.dumps(kwargs or KWARGS), "--calib", calib or str(sample_dataset()), *FAST, *extra]
+
+
+def test_compress_meets_a_parameter_budget_label_free(checkpoint, tmp_path, capsys) -> None:
+    out = tmp_path / "small"
+    digest = _sha(checkpoint)
+    assert main(_args(checkpoint, out, "--target-params", "0.5")) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("params_before", "params_after", "flops_before", "flops_after", "latency_ms_before",
+                "latency_ms_after", "agreement_dice", "budget", "plan"):
+        assert key in report, key
+    assert report["params_after"] / report["params_before"] <= 0.5
+    assert report["params_before"] == sum(p.numel() for p in DynUNet(**KWARGS).parameters())
+    assert report["budget"] == {"kind": "params", "asked": 0.5, "reached": pytest.approx(report["params_after"] /
+                                report["params_before"]), "met": True}
+    assert 0.0 <= report["agreement_dice"] <= 1.0 and report["flops_after"] < report["flops_before"]
+    plan = report["plan"]
+    assert plan["channel_rounds"] and set(plan["stand_in_errors"]) == set(plan["wrapped_blocks"])
+    small = pk.load(out)
+    assert sum(p.numel() for p in small.parameters()) == report["params_after"]
+    assert small(torch.randn(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+    assert "agreement Dice" in (out / "report.md").read_text() and "agreement Dice" in capsys.readouterr().out
+    assert _sha(checkpoint) == digest and not partial_dir(out).exists()
+
+
+def test_compress_python_api_flops_budget_with_labels(tmp_path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "w.safetensors"
+    import safetensors.torch
+
+    safetensors.torch.save_model(DynUNet(**KWARGS), str(path))  # one name per shared tensor: the aliases are refilled
+    config = CompressConfig(checkpoint=path, out=tmp_path / "out", calib=sample_dataset(), labels=sample_dataset(),
+                            model=MODEL, model_kwargs=KWARGS, target_flops=0.7, patch=32, batch=1, blockwise_epochs=1,
+                            epochs=1, finetune_epochs=2, channel_rounds=2, iters_per_epoch=2, device="cpu")
+    result = compress(config, console=None)
+    report = result.report
+    assert report["flops_after"] / report["flops_before"] <= 0.7 and report["budget"]["met"]
+    assert 0 <= report["dice_vs_labels_before"] <= 1 and 0 <= report["dice_vs_labels_after"] <= 1
+    assert CompressConfig.from_dict(report["config"]) == config
+
+
+def _write_nifti(path: Path, channels: int) -> None:
+    shape = (24, 24, 16) + ((channels,) if channels > 1 else ())
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=shape).astype(np.float32), np.eye(4)), str(path))
+
+
+def _case(name: str, checkpoint: Path, tmp: Path) -> tuple[list[str], str]:
+    out = tmp / "out"
+    if name == "missing checkpoint":
+        return _args(tmp / "nope.pt", out), "does not exist"
+    if name == "unreadable checkpoint":
+        (tmp / "junk.pt").write_bytes(b"\x00not a checkpoint" * 10)
+        return _args(tmp / "junk.pt", out), "cannot read"
+    if name == "pickled model":
+        torch.save(DynUNet(**KWARGS), tmp / "model.pt")
+        return _args(tmp / "model.pt", out), "pickles a monai.networks.nets.dynunet.DynUNet, not a plain state_dict"
+    if name == "model not importable":
+        return ["compress", str(checkpoint), "--out", str(out), "--model", "no_such_package.Net", "--calib",
+                str(sample_dataset())], "not importable"
+    if name == "kwargs do not fit":
+        return _args(checkpoint, out, kwargs={**KWARGS, "filters": [8, 16, 32]}), "'input_block.conv1.conv.weight'"
+    if name == "2-D model":
+        kw2 = {**KWARGS, "spatial_dims": 2}
+        torch.save(DynUNet(**kw2).state_dict(), tmp / "2d.pt")
+        return _args(tmp / "2d.pt", out, kwargs=kw2), "2-D model"
+    if name == "wrong channel count":
+        _write_nifti(tmp / "two.nii.gz", 2)
+        return _args(checkpoint, out, calib=str(tmp / "two.nii.gz")), "2] channel(s) but the network takes 1"
+    if name == "no calibration images":
+        (tmp / "empty").mkdir()
+        return _args(checkpoint, out, calib=str(tmp / "empty")), "holds no NIfTI image"
+    if name == "unreachable budget":
+        return _args(checkpoint, out, "--target-params", "0.001"), "unreachable"
+    if name == "out not empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        return _args(checkpoint, out, "--target-params", "0.5"), "--overwrite"
+    raise AssertionError(name)
+
+
+BAD = ["missing checkpoint", "unreadable checkpoint", "pickled model", "model not importable", "kwargs do not fit",
+       "2-D model", "wrong channel count", "no calibration images", "unreachable budget", "out not empty"]
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_fails_in_one_line_and_writes_nothing(name, checkpoint, tmp_path, capsys) -> None:
+    args, expected = _case(name, checkpoint, tmp_path)
+    given = Path(args[1])
+    digest = _sha(given) if given.is_file() else None
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no DIR, no DIR.partial, nothing beside
+    if name == "out not empty":
+        assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    if digest is not None:
+        assert _sha(given) == digest
+
+
+def test_interrupted_run_resumes_from_its_last_phase(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "small"
+    args = _args(checkpoint, out, "--target-params", "0.5")
+    calls: list[int] = []
+    original = _Run._prune_round
+
+    def interrupted(self, model, r, total):
+        calls.append(r)
+        if calls == [0, 1]:  # Ctrl-C in the second round of the first run
+            raise KeyboardInterrupt
+        return original(self, model, r, total)
+
+    monkeypatch.setattr(_Run, "_prune_round", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    partial = partial_dir(out)
+    state = json.loads((partial / "state.json").read_text())
+    assert not out.exists() and state["completed"] == ["stand-in", "blocks"] and len(state["channel_rounds"]) == 1
+
+    assert main(args) == 2 and "--resume" in capsys.readouterr().err  # a leftover run is never overwritten
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("a completed phase ran again")
+
+    monkeypatch.setattr(_Run, "stand_in", never)
+    monkeypatch.setattr(_Run, "blocks", never)
+    assert main([*args, "--resume"]) == 0
+    assert calls == [0, 1, 1, 2]  # round 0 was not pruned again
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_after"] / report["params_before"] <= 0.5 and not partial.exists()
+    assert len(report["plan"]["channel_rounds"]) == 3
+    pk.load(out)
+
+
+def test_resume_refuses_other_settings(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "small"
+
+    def stop(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_Run, "channels", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(checkpoint, out, "--target-params", "0.5"))
+    code = main([*_args(checkpoint, out, "--target-params", "0.4"), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "target_params" in err and "other settings" in err
+    assert main(_args(checkpoint, tmp_path / "fresh", "--target-params", "0.5", "--resume")) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wrapper", ["plain", "state_dict", "network_weights", "ddp"])
+def test_state_dicts_are_read_in_the_usual_wrappings(wrapper, tmp_path) -> None:
+    from prunekit3d.recipes.checkpoints import build_model
+
+    net = DynUNet(**KWARGS)
+    state = net.state_dict()
+    saved = {"plain": state, "state_dict": {"state_dict": state, "epoch": 3},
+             "network_weights": {"network_weights": state, "optimizer_state": {"lr": 0.01}},
+             "ddp": {f"module.{k}": v for k, v in state.items()}}[wrapper]
+    torch.save(saved, tmp_path / "w.pth")
+    model, spec = build_model(tmp_path / "w.pth", {"import_path": MODEL, "kwargs": KWARGS})
+    assert spec["import_path"] == MODEL and not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_calibration_images_from_files_folders_and_msd(tmp_path) -> None:
+    from prunekit3d.recipes.checkpoints import read_labels, read_volumes
+
+    for c in range(2):  # nnU-Net's one file per channel: case_0000, case_0001
+        _write_nifti(tmp_path / f"case_{c:04d}.nii.gz", 1)
+    (volume,) = read_volumes(tmp_path)
+    assert volume.name == "case" and volume.image.shape == (2, 24, 24, 16)
+    _write_nifti(tmp_path / "four.nii.gz", 3)
+    assert read_volumes(tmp_path / "four.nii.gz")[0].image.shape == (3, 24, 24, 16)  # channels last in the file
+    msd = read_volumes(sample_dataset())
+    read_labels(sample_dataset(), msd)
+    assert [v.name for v in msd] == ["ct_abdomen"] and msd[0].label.shape == msd[0].image.shape[1:]
+    assert set(np.unique(msd[0].label)) <= {0, 1, 2, 3}
