@@ -6,8 +6,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/networks.py
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct_abdomen"
-
 
 @pytest.fixture(autouse=True)
 def _deterministic():

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import SHARED_DATA
 from networks import NETWORKS, first_output
 from torch import nn
 
@@ -265,8 +264,11 @@ def test_works_under_ddp(process_group):
 
 @pytest.fixture(scope="module")
 def ct():
-    image = np.asarray(nib.load(SHARED_DATA / "ct.nii.gz").dataobj).astype(np.float32)
-    label = np.asarray(nib.load(SHARED_DATA / "labels.nii.gz").dataobj)
+    from prunekit3d.sample import sample_dataset
+
+    root = sample_dataset()
+    image = np.asarray(nib.load(root / "imagesTr" / "ct_abdomen.nii.gz").dataobj).astype(np.float32)
+    label = np.asarray(nib.load(root / "labelsTr" / "ct_abdomen.nii.gz").dataobj)
     return image, label
 
 
