@@ -12,7 +12,9 @@ is computed once per batch and all candidate sets are evaluated from those terms
     x --> [term_k for each active k] --> z = x + sum_k term_k --> y_full = act(z)   (passed on)
                                      \\--> y_without_S = act(z - sum_{k in S} term_k)  (scored only)
 
-Sequential modules, whose branches feed each other, re-run their chain once per candidate set, still
+Without an output activation (every block :func:`prunekit3d.wrap` makes) ``y_full - y_without_S`` is
+just ``sum_{k in S} term_k``, so all candidates are read off the terms' Gram matrix at the cost of one
+matrix product. Sequential modules, whose branches feed each other, re-run their chain once per candidate set, still
 batch by batch. Peak memory is one batch's activations, whatever the number of batches.
 
 Scorers are pluggable: a scorer is a callable ``(module, x, candidates) -> (y_full, errors)``;
@@ -74,10 +76,26 @@ class ReconstructionError:
         for t in terms.values():
             z = z + t
         y = module.finish(z)
+        if not module.out_activation:
+            return y, self._from_gram(terms, candidates)
         errors = torch.stack(
             [torch.linalg.vector_norm((y - _without(module, x, z, terms, s)).float()) for s in candidates]
         )
         return y, errors
+
+    @staticmethod
+    def _from_gram(terms: Mapping[int, torch.Tensor], candidates: list[Candidate]) -> torch.Tensor:
+        """Without an output activation ``y_full - y_without_S = sum_{k in S} term_k``, so every
+        candidate's norm follows from the terms' Gram matrix: one matrix product instead of a pass
+        over the activations per candidate."""
+        index = {k: i for i, k in enumerate(terms)}
+        flat = torch.stack([t.reshape(-1) for t in terms.values()]).float()
+        gram = (flat @ flat.T).double()
+        pick = torch.zeros(len(candidates), len(index), dtype=torch.float64, device=gram.device)
+        for row, s in enumerate(candidates):
+            pick[row, [index[k] for k in s]] = 1.0
+        squared = ((pick @ gram) * pick).sum(dim=1)
+        return squared.clamp_min(0).sqrt()
 
     @staticmethod
     def _rerun(module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:

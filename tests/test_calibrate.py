@@ -68,14 +68,15 @@ def test_one_pass_errors_equal_brute_force(mode, step):
         assert all(len(c) == step for c in decision.candidates)
 
 
-def test_psp_seg_output_activation_is_scored_through_the_activation():
+@pytest.mark.parametrize("step", [1, 2])
+def test_psp_seg_output_activation_is_scored_through_the_activation(step):
     from prunekit3d.models import psp_seg
 
     model = psp_seg("S", 1, 2).eval()
     _randomise_gates(model, scale=1.0)
     batches = [torch.randn(1, 1, 32, 32, 32)]
-    plan = calibrate(model, batches, step=1)
-    reference = _brute_force_errors(model, batches, 1)
+    plan = calibrate(model, batches, step=step)
+    reference = _brute_force_errors(model, batches, step)
     for name, decision in plan.modules.items():
         torch.testing.assert_close(torch.tensor(decision.errors), torch.tensor(reference[name]), rtol=1e-3, atol=1e-3)
 

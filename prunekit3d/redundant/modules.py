@@ -118,7 +118,8 @@ class ParallelRedundantModule(RedundantModule):
 
     mode = "parallel"
 
-    def _light_sum(self, x: torch.Tensor, light: list[int]) -> torch.Tensor:
+    def _light_terms(self, x: torch.Tensor, light: list[int]) -> list[torch.Tensor]:
+        """Each light branch's gated output ``g_k * LNB_k(x)``, its 1x1x1 reduction fused with the others'."""
         branches = [self.branches[k] for k in light]
         weight = torch.cat([b.reduce.weight for b in branches])
         bias = torch.cat([b.reduce.bias for b in branches])
@@ -130,12 +131,18 @@ class ParallelRedundantModule(RedundantModule):
             branches[0].norm1.eps,
         )
         h = F.leaky_relu(h, NEGATIVE_SLOPE, inplace=True)
-        total: torch.Tensor | None = None
-        for k, b, part in zip(light, branches, h.split([b.reduce.out_channels for b in branches], dim=1)):
-            g = self.gates[k]
-            y = instance_norm(b.conv(part), g * b.norm2.weight, g * b.norm2.bias, b.norm2.eps)
-            total = y if total is None else total + y
-        assert total is not None
+        parts = h.split([b.reduce.out_channels for b in branches], dim=1)
+        # The gate scales the last norm's affine: no separate multiply per branch.
+        return [
+            instance_norm(b.conv(part), self.gates[k] * b.norm2.weight, self.gates[k] * b.norm2.bias, b.norm2.eps)
+            for k, b, part in zip(light, branches, parts)
+        ]
+
+    def _light_sum(self, x: torch.Tensor, light: list[int]) -> torch.Tensor:
+        terms = self._light_terms(x, light)
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,12 +157,13 @@ class ParallelRedundantModule(RedundantModule):
 
     def contributions(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Each active branch's additive term ``g_k * delta_k(x)``: ``y = finish(x + sum)``."""
+        active = self.active_indices()
         out: dict[int, torch.Tensor] = {}
-        for k in self.active_indices():
-            if self.is_original(k):
-                out[k] = torch.lerp(x, self.branches[0](x), self.gates[0]) - x
-            else:
-                out[k] = self.gates[k] * self.branches[k](x)
+        if self.has_original and active and active[0] == 0:
+            out[0] = torch.lerp(x, self.branches[0](x), self.gates[0]) - x
+        light = [k for k in active if not self.is_original(k)]
+        if light:
+            out.update(zip(light, self._light_terms(x, light)))
         return out
 
 
