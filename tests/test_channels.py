@@ -24,9 +24,10 @@ from prunekit3d.channels import (
     output_layers,
     prune_channels,
 )
-from prunekit3d.channels.graph import prunable_groups, sync_widths
+from prunekit3d.channels.graph import prunable_groups, sync_splits, sync_widths
 from prunekit3d.models import psp_seg
 from prunekit3d.slim import slim
+from prunekit3d.slim.blocks import SlimParallel
 
 # Patterns cycled over redundant modules (branch indices kept active; 0 is the original block when
 # the module has one): a block-pruned model holds masked branches of every kind.
@@ -163,11 +164,50 @@ def test_removing_dead_channels_leaves_outputs_unchanged(name: str, form: str) -
         before = [y.clone() for y in _outputs(model(x))]
     for root, fn, idxs in chosen:
         graph.get_pruning_group(root, fn, idxs).prune()
+        sync_splits(graph)
     sync_widths(model)
     with torch.no_grad():
         after = _outputs(model(x))
     assert len(chosen) > 10 and count_params(model) < params
     assert max(float((a - b).abs().max()) for a, b in zip(after, before)) <= 1e-4
+
+
+@pytest.mark.parametrize("how", ["ratio", "budget"])
+def test_each_branch_of_a_fused_slim_block_loses_its_own_hidden_channels(how: str) -> None:
+    # Every branch of a fused slim block reads its own slice of the shared 1x1 reduction. Dead channels
+    # at a different half of each slice must be the ones removed -- in one round, or in the budget
+    # search's many rounds on one graph -- or a branch would be paired with another's reduction channels.
+    model, x = _form("psp_seg_s", "slim")
+    model.eval()
+    blocks = [m for m in model.modules() if isinstance(m, SlimParallel) and len(m.convs) > 1]
+    assert blocks and all(h % 2 == 0 for m in blocks for h in m.hidden)
+    with torch.no_grad():
+        for m in blocks:
+            start = 0
+            for k, (conv, h) in enumerate(zip(m.convs, m.hidden)):
+                dead = [j for j in range(h) if (j + k) % 2 == 0]
+                rows = [start + j for j in dead]
+                for t in (m.reduce.weight, m.reduce.bias, m.norm1.weight, m.norm1.bias):
+                    t[rows] = 0
+                conv.weight[:, dead] = 0
+                start += h
+        before = first_output(model(x)).clone()
+    hidden_before = [list(m.hidden) for m in blocks]
+    branch_convs = {c for m in blocks for c in m.convs}
+    others = [n for n, c in model.named_modules() if isinstance(c, nn.modules.conv._ConvNd) and c not in branch_convs]
+    if how == "ratio":
+        prune_channels(model, x, ratio=0.5, ignored=others)
+        assert [list(m.hidden) for m in blocks] == [[h // 2 for h in hs] for hs in hidden_before]
+    else:
+        half = copy.deepcopy(model)
+        prune_channels(half, x, ratio=0.5, ignored=others)
+        target = (count_params(model) + count_params(half)) // 2
+        plan = prune_channels(model, x, target_params=target, ignored=others)
+        assert count_params(model) <= target and plan.ratio >= 2 * 0.025  # several rounds on one graph
+        widths = [(h, w) for m, hs in zip(blocks, hidden_before) for h, w in zip(hs, m.hidden)]
+        assert all(h // 2 <= w <= h for h, w in widths) and any(w < h for h, w in widths)
+    with torch.no_grad():
+        assert float((first_output(model(x)) - before).abs().max()) <= 1e-4
 
 
 # ---- acceptance: ratio 0.5 on the concatenation U-Nets --------------------------------------------------
@@ -244,6 +284,27 @@ def test_heads_ignored_layers_and_model_state_stay() -> None:
     assert all(graph.get_out_channels(h) in (3, None) for h in output_layers(graph))
     kept = {n: b for n, b in model.named_buffers() if b.shape == buffers[n].shape}
     assert kept and all(torch.equal(b, buffers[n]) for n, b in kept.items())  # tracing left the statistics alone
+
+
+def test_frozen_layers_are_pruned_and_stay_frozen() -> None:
+    # Tracing follows autograd; a frozen encoder must neither vanish from the graph nor come back trainable.
+    model, x = _network("monai_unet")
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("model.0."))
+    params = count_params(model)
+    plan = prune_channels(model, x, ratio=0.5)
+    assert count_params(model) < 0.5 * params and any(n.startswith("model.0.") for n in plan.widths)
+    assert all(p.requires_grad == (not n.startswith("model.0.")) for n, p in model.named_parameters())
+
+
+def test_a_pruned_network_keeping_outputs_as_attributes_can_be_copied() -> None:
+    # DynUNet keeps its deep-supervision outputs in a list attribute; tensors of the tracing forward
+    # left there would make deepcopy (and so slim and save) refuse the model.
+    model, x = _dynunet_ds()
+    model.train()
+    prune_channels(model, x, ratio=0.5)
+    twin = copy.deepcopy(model)
+    assert _max_diff(twin.eval(), model.eval(), x) == 0
 
 
 # ---- importance, global ranking and budgets -----------------------------------------------------------

@@ -64,6 +64,7 @@ __all__ = [
     "gate_parameters",
     "output_layers",
     "prunable_groups",
+    "sync_splits",
     "sync_widths",
     "traceable_forward",
 ]
@@ -246,7 +247,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
 
     modes = {m: m.training for m in model.modules()}
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _all_parameters_traced(model):
             graph = tp.DependencyGraph().build_dependency(
                 model,
                 example_inputs=example_input,
@@ -258,7 +259,36 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     finally:
         for m, training in modes.items():  # torch-pruning leaves the model in eval mode
             m.train(training)
+        _detach_kept_tensors(model)
+    sync_splits(graph)
     return graph
+
+
+@contextlib.contextmanager
+def _all_parameters_traced(model: nn.Module) -> Iterator[None]:
+    """Tracing follows autograd: a frozen layer fed by frozen layers would leave no node on the graph."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _detach_kept_tensors(model: nn.Module) -> None:
+    """Detach tensors that modules keep as plain attributes from the tracing forward.
+
+    MONAI's DynUNet stores its deep-supervision outputs in a list attribute; still attached to the
+    trace's autograd graph, they would make the model refuse ``copy.deepcopy`` (and so slim and save).
+    """
+    for m in model.modules():
+        for name, value in vars(m).items():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(m, name, value.detach())
+            elif isinstance(value, list):
+                value[:] = [v.detach() if isinstance(v, torch.Tensor) else v for v in value]
 
 
 def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
@@ -343,4 +373,24 @@ def sync_widths(model: nn.Module) -> None:
     for m in unwrap(model).modules():
         if isinstance(m, SlimParallel):
             m.hidden = [conv.in_channels for conv in m.convs]
+
+
+def sync_splits(graph: tp.DependencyGraph) -> None:
+    """Keep the graph's record of each slim block's hidden split in line with its branch convs.
+
+    torch-pruning reads a split's sizes once, when the graph is built, and maps channel indices
+    through them ever after; a second pruning round on the same graph would then address channels
+    the first round removed. The outputs are also put in branch order, which the offsets assume.
+    """
+    for m in unwrap(graph.model).modules():
+        if not (isinstance(m, SlimParallel) and len(m.convs) > 1):
+            continue
+        convs = {conv: i for i, conv in enumerate(m.convs)}
+        for node in graph.module2node.values():
+            if node.type != ops.OPTYPE.SPLIT or not node.outputs or any(o.module not in convs for o in node.outputs):
+                continue
+            node.outputs.sort(key=lambda o: convs[o.module])
+            sizes = [o.module.in_channels for o in node.outputs]
+            node.module.split_sizes = sizes
+            node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 

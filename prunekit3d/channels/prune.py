@@ -24,7 +24,14 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunekit3d.channels.graph import build_graph, channel_groups, output_layers, prunable_groups, sync_widths
+from prunekit3d.channels.graph import (
+    build_graph,
+    channel_groups,
+    output_layers,
+    prunable_groups,
+    sync_splits,
+    sync_widths,
+)
 from prunekit3d.channels.record import ChannelPlan, add_round
 from prunekit3d.redundant import RedundantModule
 from prunekit3d.wrap import unwrap
@@ -118,6 +125,18 @@ def _zero_missing_grads(model: nn.Module, needed: bool) -> Iterator[None]:
                 p.grad = None
 
 
+@contextlib.contextmanager
+def _keep_frozen(model: nn.Module) -> Iterator[None]:
+    """Pruned layers get new parameters, trainable by default; frozen ones stay frozen (by name)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
+
+
 def _resolve_ignored(model: nn.Module, ignored: Sequence[str | nn.Module] | None) -> list[nn.Module]:
     modules = dict(model.named_modules())
     out = []
@@ -196,6 +215,7 @@ def _step(
         group = graph.get_pruning_group(target.root, target.fn, target.indices(positions))
         if graph.check_pruning_group(group):
             group.prune()
+            sync_splits(graph)  # the next group maps its indices through the split sizes as they are now
     sync_widths(graph.model)
 
 
@@ -310,7 +330,7 @@ def prune_channels(
         _step(graph, scorer, ignored_layers, initial, r, global_pruning)
         return r
 
-    with _zero_missing_grads(model, needed=isinstance(scorer, tp.importance.GroupTaylorImportance)):
+    with _zero_missing_grads(model, needed=isinstance(scorer, tp.importance.GroupTaylorImportance)), _keep_frozen(model):
         if ratio is not None:
             done = step(ratio)
         else:

@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from rich.table import Table
 from torch import nn
 
-from prunekit3d.channels.graph import build_graph, sync_widths
+from prunekit3d.channels.graph import build_graph, sync_splits, sync_widths
 from prunekit3d.wrap import unwrap
 
 __all__ = ["STAGES", "ChannelPlan", "ChannelRecord", "apply_channel_plan", "apply_channel_record", "channel_record"]
@@ -171,7 +172,7 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan | dict[str, Any]) -> 
         )
     try:
         graph = build_graph(root, _example(root, plan.input_shape))
-        graph.load_pruning_history([list(h) for h in plan.history])
+        _replay(graph, plan.history)
     except (AttributeError, AssertionError, ValueError, IndexError, RuntimeError) as err:
         raise ValueError(f"cannot replay the channel plan on this {type(root).__name__} ({err}); {hint}") from err
     sync_widths(root)
@@ -181,6 +182,16 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan | dict[str, Any]) -> 
             f"replaying the channel plan gave {params:,} parameters, the plan says {plan.params_after:,}; {hint}"
         )
     return model
+
+
+def _replay(graph: tp.DependencyGraph, history: list) -> None:
+    """Prune the recorded groups in order, keeping split sizes current as :func:`prune_channels` does."""
+    for name, out_channels, idxs in history:
+        module = graph.model.get_submodule(name)
+        pruner = graph.get_pruner_of_module(module)
+        fn = pruner.prune_out_channels if out_channels else pruner.prune_in_channels
+        graph.get_pruning_group(module, fn, list(idxs)).prune(record_history=False)
+        sync_splits(graph)
 
 
 def apply_channel_record(model: nn.Module, record: ChannelRecord | dict[str, Any]) -> nn.Module:
