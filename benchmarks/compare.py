@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from rich.table import Table
 from torch import nn
 
 from prunekit3d import calibrate, prune, redundant_modules, slim
+from prunekit3d.io.files import atomic_file, write_json
 from prunekit3d.report import ModelReport, measure
 
 CLASSES = 4
@@ -149,7 +149,8 @@ def _cells(r: dict[str, Any]) -> list[str]:
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = ["network", "params (M)", "GFLOPs", "latency (ms)", "train step (ms)", "peak inference (MiB)",
             "peak train step (MiB)", "DSC"]
-    lines = [f"# prunekit3d compare: input 1x1x{meta['size']}^3 on {meta['device']} ({meta['threads']} threads)", "",
+    threads = f"{meta['threads']} thread{'s' if meta['threads'] != 1 else ''}"
+    lines = [f"# prunekit3d compare: input 1x1x{meta['size']}^3 on {meta['device']} ({threads})", "",
              "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     lines += ["", f"Memory: {meta['memory_method']}. FLOPs: fvcore (1 multiply-add = 1). Latency: median of "
@@ -179,7 +180,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axes[2].scatter(m["flops"] / 1e9, r["dsc"])
         axes[2].annotate(r["network"], (m["flops"] / 1e9, r["dsc"]), fontsize=7, xytext=(3, 3),
                          textcoords="offset points")
-    axes[2].set(xlabel="GFLOPs", ylabel="DSC (sample CT)", title="cost against DSC (where measured)")
+    axes[2].set(xlabel="GFLOPs", ylabel="DSC (sample CT)", title="cost against DSC (where measured)", ylim=(0, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -200,7 +201,7 @@ def main() -> None:
     device = torch.device(args.device)
     size = args.size or (128 if device.type == "cuda" else 64)
     console = Console()
-    patches = sample_patches(32)  # calibration patches for the pruned PSP-Seg variants
+    patches = sample_patches(64, 2)  # calibration patches for the pruned PSP-Seg variants (L needs 64^3)
     builders: dict[str, Callable[[], nn.Module]] = {
         "nnU-Net PlainConvUNet": nnunet_plain,
         "MONAI UNet": monai_unet,
@@ -232,10 +233,11 @@ def main() -> None:
     meta = {"size": size, "device": str(device), "threads": torch.get_num_threads(), "repeats": args.repeats,
             "memory_method": first.memory_method, "seconds": round(time.perf_counter() - started, 1),
             "torch": torch.__version__}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")
-    (args.out / "compare.md").write_text(markdown(rows, meta), encoding="utf-8")
-    plot(rows, args.out / "compare.png")
+    write_json(args.out / "compare.json", {"meta": meta, "rows": rows})
+    with atomic_file(args.out / "compare.md") as tmp:
+        tmp.write_text(markdown(rows, meta), encoding="utf-8")
+    with atomic_file(args.out / "compare.png", ".png") as tmp:
+        plot(rows, tmp)
     console.print(table(rows))
     console.print(f"wrote {args.out}/compare.json, compare.md, compare.png ({meta['seconds']} s)")
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from prunekit3d.io.files import atomic_file
 
 __all__ = ["check_onnx", "export_onnx", "export_torchscript"]
 
@@ -32,21 +33,6 @@ def _eval(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes.items():
             m.train(training)
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[str]:
-    """A temporary file beside ``path`` that replaces ``path`` only if the block succeeds."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _check_input(example_input: torch.Tensor) -> None:
@@ -70,7 +56,7 @@ def export_onnx(
         ``path`` as a :class:`~pathlib.Path`.
     """
     _check_input(example_input)
-    with _eval(model), torch.no_grad(), _atomic_path(path, ".onnx") as tmp:
+    with _eval(model), torch.no_grad(), atomic_file(path, ".onnx") as tmp:
         program = torch.onnx.export(
             model, (example_input,), dynamo=True, opset_version=opset, input_names=["input"], verbose=False
         )
@@ -86,7 +72,7 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
     Load it back with ``torch.jit.load(path)``; no Python class of the model is needed.
     """
     _check_input(example_input)
-    with _eval(model), torch.no_grad(), _atomic_path(path, ".pt") as tmp:
+    with _eval(model), torch.no_grad(), atomic_file(path, ".pt") as tmp:
         # check_trace re-runs and diffs whole graphs (slow); comparing the outputs once is enough here.
         traced = torch.jit.trace(model, example_input, check_trace=False)
         diff = _max_diff(traced(example_input), model(example_input))

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit3d.wrap import unwrap
+from prunekit3d.wrap import _tensors, unwrap
 
 __all__ = ["FDFeatures", "FDLoss", "find_fd_features", "foreground_percentile"]
 
@@ -86,17 +86,6 @@ class _Call:
 
     def upsamples(self) -> bool:
         return bool(self.size_in and self.size_out) and math.prod(self.size_out) > math.prod(self.size_in)
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, Mapping):
-        for o in obj.values():
-            yield from _tensors(o)
 
 
 def _trace_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[_Call], list[torch.Tensor]]:

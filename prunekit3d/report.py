@@ -350,6 +350,7 @@ def _measure_train_step(
     finally:
         with torch.no_grad():
             model.load_state_dict(saved)
+            model.eval()(x)  # outputs a network caches as attributes (DynUNet's heads) must not keep the graph
         for p, g in grads.items():
             p.grad = g
             p.requires_grad_(flags[p])

@@ -17,7 +17,7 @@ branches (gates 0), so the wrapped network computes exactly what it computed bef
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
@@ -75,12 +75,13 @@ def redundant_modules(model: nn.Module) -> list[tuple[str, RedundantModule]]:
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a nested structure of tuples, lists and mappings, in order."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (list, tuple)):
         for o in obj:
             yield from _tensors(o)
-    elif isinstance(obj, dict):
+    elif isinstance(obj, Mapping):
         for o in obj.values():
             yield from _tensors(o)
 

@@ -19,20 +19,10 @@ from prunekit3d.recipes.compress import CompressConfig, _Run, compress, partial_
 from prunekit3d.sample import sample_dataset
 
 KWARGS = dict(spatial_dims=3, in_channels=1, out_channels=3, kernel_size=[3, 3, 3], strides=[1, 2, 2],
-              upsample_kernel_size=[2, 2], filters=[4, 8, 16])
+              upsample_kernel_size=[2, 2], filters=[4, 8, 16], deep_supervision=True, deep_supr_num=1)
 MODEL = "monai.networks.nets.DynUNet"
 FAST = ["--patch", "32", "--batch", "1", "--blockwise-epochs", "1", "--epochs", "1", "--finetune-epochs", "3",
         "--iters-per-epoch", "2", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    """The commands as prunekit3d.cli registers them (kept here until cli.py lists them)."""
-    from prunekit3d.cli import COMMANDS
-    from prunekit3d.recipes.cli_compress import COMPRESS
-
-    if "compress" not in COMMANDS:
-        monkeypatch.setitem(COMMANDS, "compress", COMPRESS)
 
 
 @pytest.fixture(autouse=True)

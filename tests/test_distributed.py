@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from test_train import synthetic_msd, tiny_config
 

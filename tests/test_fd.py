@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from networks import NETWORKS, first_output
+from networks import NETWORKS
 from torch import nn
 
 import prunekit3d as pk

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -15,17 +16,7 @@ from prunekit3d.cli import main
 from prunekit3d.report import ModelReport, comparison_table, measure
 
 KWARGS = dict(spatial_dims=3, in_channels=1, out_channels=3, kernel_size=[3, 3, 3], strides=[1, 2, 2],
-              upsample_kernel_size=[2, 2], filters=[4, 8, 16])
-
-
-@pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    """The `report` command as prunekit3d.cli registers it (kept here until cli.py lists it)."""
-    from prunekit3d.cli import COMMANDS
-    from prunekit3d.recipes.cli_compress import REPORT
-
-    if "report" not in COMMANDS:
-        monkeypatch.setitem(COMMANDS, "report", REPORT)
+              upsample_kernel_size=[2, 2], filters=[4, 8, 16], deep_supervision=True, deep_supr_num=1)
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +66,7 @@ def test_measure_leaves_the_model_as_it_was() -> None:
     assert net.training and all(m.training for m in net.modules())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(p.grad is None for p in net.parameters())
+    copy.deepcopy(net)  # DynUNet keeps its deep-supervision outputs as attributes: none may hold a graph
 
 
 def test_report_round_trips_and_prints() -> None:

@@ -1,4 +1,7 @@
-"""Atomic directory writes and file checksums.
+"""Atomic file and directory writes, and file checksums.
+
+``atomic_file(path)`` yields a temporary path beside ``path`` that replaces it (one rename) only when
+the block succeeds; ``write_json(path, data)`` writes through it.
 
 ``atomic_directory(target)`` yields an empty temporary directory beside ``target``; only when the
 block succeeds does it take ``target``'s place::
@@ -14,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_directory", "fsync", "sha256"]
+__all__ = ["atomic_directory", "atomic_file", "fsync", "sha256", "write_json"]
 
 
 def sha256(path: Path) -> str:
@@ -79,3 +84,30 @@ def atomic_directory(target: Path, *, overwrite: bool = False) -> Iterator[Path]
         fsync(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # still there only if something failed
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces ``path`` only if the ``with`` block succeeds.
+
+    Args:
+        path: the file to create or replace.
+        suffix: ending of the temporary file's name, for writers that pick the format from it.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fsync(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # still there only if something failed
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path``, atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")

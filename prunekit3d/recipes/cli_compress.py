@@ -53,7 +53,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--iters-per-epoch", type=int, default=s, help="(10)")
     sched.add_argument("--lr", type=float, default=s, help="Adam learning rate, poly decay per phase (5e-3)")
     sched.add_argument("--max-block-error", type=float, default=s,
-                       help="replace an original block only if its stand-in error is at most this (0.05)")
+                       help="replace an original block only if its stand-in error is at most this (0.02)")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:N (auto)")
     run.add_argument("--seed", type=int, default=s, help="(0)")

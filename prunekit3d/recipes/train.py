@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from prunekit3d.fd import FDLoss, foreground_percentile
 from prunekit3d.io import load, save
+from prunekit3d.io.files import write_json
 from prunekit3d.models import psp_seg
 from prunekit3d.recipes import distributed
 from prunekit3d.recipes.checkpoint import load_checkpoint, save_checkpoint
@@ -87,12 +87,6 @@ def train(config: TrainConfig, *, resume: bool = False, console: Console | None 
         >>> result.report["params"]   # {"start": ..., "end": ...}
     """
     return Trainer(config, resume=resume, console=console).run()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -224,8 +218,8 @@ class Trainer:
             self.history = self._new_history()
         if rt.main and not self.resume:
             self.out.mkdir(parents=True, exist_ok=True)
-            _write_json(self.out / "config.json", cfg.to_dict())
-            _write_json(self.out / "split.json", self.split)
+            write_json(self.out / "config.json", cfg.to_dict())
+            write_json(self.out / "split.json", self.split)
         self.structure_changed()
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -416,7 +410,7 @@ class Trainer:
         )
         self.progress.update(self.epochs_bar, advance=1)
         if self.runtime.main:
-            _write_json(self.out / "history.json", self.history)
+            write_json(self.out / "history.json", self.history)
             save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self._state(epoch))
 
     # ---- structure -----------------------------------------------------------------------------
@@ -530,5 +524,5 @@ class Trainer:
                 "events": {k: sum(e["kind"] == k for e in events) for k in ("prune", "restore", "stop", "reinit")},
                 "model": str(self.out / "model"),
             }
-            _write_json(self.out / "report.json", report)
+            write_json(self.out / "report.json", report)
         return TrainResult(self.out, self.history, report)
