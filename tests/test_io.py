@@ -329,3 +329,17 @@ def test_from_spec_builds_registry_and_import_path_models():
 def test_from_spec_errors_name_the_problem(spec, message):
     with pytest.raises(ValueError, match=message):
         from_spec(spec)
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    from prunekit3d.io.files import atomic_file, write_json
+
+    target = tmp_path / "sub" / "report.json"
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half", encoding="utf-8")
+            raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"a": 1}  # the old file is still whole
+    assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]  # no temporary left behind

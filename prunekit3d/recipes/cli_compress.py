@@ -108,8 +108,10 @@ def run_report(args: argparse.Namespace) -> int:
                      repeats=args.repeats, train_step=args.train_step)
     Console().print(report)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(report.to_json() + "\n", encoding="utf-8")
+        from prunekit3d.io.files import atomic_file
+
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(report.to_json() + "\n", encoding="utf-8")
     return 0
 
 
