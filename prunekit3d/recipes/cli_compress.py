@@ -49,7 +49,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--batch", type=int, default=s, help="patches per step (2)")
     sched.add_argument("--epochs", type=int, default=s, help="end-to-end distillation epochs with block pruning (4)")
     sched.add_argument("--blockwise-epochs", type=int, default=s, help="block-wise distillation epochs (4)")
-    sched.add_argument("--finetune-epochs", type=int, default=s, help="final distillation epochs (12)")
+    sched.add_argument("--finetune-epochs", type=int, default=s, help="final distillation epochs (24)")
     sched.add_argument("--iters-per-epoch", type=int, default=s, help="(10)")
     sched.add_argument("--lr", type=float, default=s, help="Adam learning rate, poly decay per phase (5e-3)")
     sched.add_argument("--max-block-error", type=float, default=s,

@@ -124,7 +124,7 @@ class CompressConfig:
     batch: int = 2
     blockwise_epochs: int = 4
     epochs: int = 4
-    finetune_epochs: int = 12
+    finetune_epochs: int = 24
     channel_rounds: int = 3
     iters_per_epoch: int = 10
     lr: float = 5e-3
