@@ -200,7 +200,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     size = args.size or (128 if device.type == "cuda" else 64)
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # the full table, also in a log file
     patches = sample_patches(64, 2)  # calibration patches for the pruned PSP-Seg variants (L needs 64^3)
     builders: dict[str, Callable[[], nn.Module]] = {
         "nnU-Net PlainConvUNet": nnunet_plain,

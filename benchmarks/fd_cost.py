@@ -125,7 +125,7 @@ def main() -> None:
             f"{wall_median[k] * 1e3:.0f}",
             f"{min(wall[k]) * 1e3:.0f}-{max(wall[k]) * 1e3:.0f}",
         )
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # the full table, also in a log file
     console.print(table)
     console.print(
         f"FD adds {result['fd_step_overhead_cpu']:.1%} CPU time ({result['fd_step_overhead_wall']:.1%} wall) per "

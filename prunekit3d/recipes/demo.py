@@ -57,15 +57,18 @@ def _sample_volume() -> tuple[torch.Tensor, torch.Tensor]:
     return _normalised(volumes[0], "zscore"), torch.from_numpy(volumes[0].label)
 
 
-def train_baseline(iterations: int = 150, *, seed: int = 0, console: Console | None = None) -> nn.Module:
-    """Train the demo baseline on the sample CT: Dice + cross-entropy, Adam, random 64x64x32 patches."""
+def train_baseline(
+    iterations: int = 150, *, seed: int = 0, spec: dict[str, Any] | None = None, console: Console | None = None
+) -> nn.Module:
+    """Train the demo baseline (or the network of ``spec``) on the sample CT: Dice + cross-entropy, Adam,
+    random 64x64x32 patches."""
     from prunekit3d.io import from_spec
     from prunekit3d.recipes.compress import PatchSampler
     from prunekit3d.recipes.distill import supervised_loss
 
     console = console or Console()
     torch.manual_seed(seed)
-    model = from_spec(BASELINE_SPEC)
+    model = from_spec(spec or BASELINE_SPEC)
     image, label = _sample_volume()
     sampler = PatchSampler([image], [label], PATCH)
     generator = torch.Generator().manual_seed(seed)
