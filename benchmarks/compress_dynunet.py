@@ -79,8 +79,8 @@ def main() -> None:
     rows = (("params", "parameters", "{:,}"), ("flops", "GFLOPs (fvcore)", "{:.2f}"), ("latency_ms", "latency (ms)", "{:.1f}"))
     for key, name, form in rows:
         b, a = report[f"{key}_before"], report[f"{key}_after"]
-        scale = 1e9 if key == "flops" else 1
-        table.add_row(name, form.format(b / scale), form.format(a / scale), f"{a / b:.3f}")
+        shown = (b / 1e9, a / 1e9) if key == "flops" else (b, a)
+        table.add_row(name, *(form.format(v) for v in shown), f"{a / b:.3f}")
     table.add_row("agreement Dice with the original", "1", f"{report['agreement_dice']:.3f}", "")
     table.add_row("Dice vs the sample's labels", f"{dice['original']:.3f}", f"{dice['compressed']:.3f}", "")
     console.print(table)
