@@ -40,7 +40,15 @@ import torch
 from rich.table import Table
 from torch import nn
 
-__all__ = ["ModelReport", "comparison_rows", "comparison_table", "count_flops", "count_params", "measure"]
+__all__ = [
+    "ModelReport",
+    "comparison_rows",
+    "comparison_table",
+    "count_flops",
+    "count_params",
+    "measure",
+    "paired_latency",
+]
 
 
 @dataclass
@@ -320,6 +328,37 @@ def measure(
         memory_method=method,
         unsupported_ops=skipped,
     )
+
+
+def paired_latency(
+    models: Sequence[nn.Module], input_size: Sequence[int], *, warmup: int = 2, repeats: int = 7
+) -> list[float]:
+    """Median eval-mode latency (ms) of each model, timed in alternation: one call of each per round.
+
+    On a shared machine the load drifts between two separate :func:`measure` calls; alternating keeps
+    the ratio of the medians about the models, not about the moment each was measured. Each model runs
+    where its parameters are.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    calls = []
+    for model in models:
+        ref = next((p for p in model.parameters()), None)
+        dev = ref.device if ref is not None else torch.device("cpu")
+        calls.append((model, torch.randn([int(s) for s in input_size], device=dev), dev))
+    times: list[list[float]] = [[] for _ in calls]
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for model, _, _ in calls:
+            stack.enter_context(_eval_mode(model))
+        for round_ in range(warmup + repeats):
+            for i, (model, x, dev) in enumerate(calls):
+                _sync(dev)
+                start = time.perf_counter()
+                model(x)
+                _sync(dev)
+                if round_ >= warmup:
+                    times[i].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def _measure_train_step(

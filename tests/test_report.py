@@ -13,7 +13,7 @@ from rich.console import Console
 
 import prunekit3d as pk
 from prunekit3d.cli import main
-from prunekit3d.report import ModelReport, comparison_table, measure
+from prunekit3d.report import ModelReport, comparison_table, measure, paired_latency
 
 KWARGS = dict(spatial_dims=3, in_channels=1, out_channels=3, kernel_size=[3, 3, 3], strides=[1, 2, 2],
               upsample_kernel_size=[2, 2], filters=[4, 8, 16], deep_supervision=True, deep_supr_num=1)
@@ -85,6 +85,19 @@ def test_report_round_trips_and_prints() -> None:
 def test_measure_refuses_a_bad_size() -> None:
     with pytest.raises(ValueError, match="5 positive numbers"):
         measure(_net(), (1, 16, 16, 16))
+
+
+def test_paired_latency_times_each_model_in_alternation() -> None:
+    small, large = torch.nn.Conv3d(1, 2, 1), torch.nn.Sequential(*[torch.nn.Conv3d(1, 1, 3, padding=1) for _ in range(8)])
+    large.train()
+    calls: list[str] = []
+    small.register_forward_hook(lambda *_: calls.append("small"))
+    large.register_forward_hook(lambda *_: calls.append("large"))
+    fast, slow = paired_latency([small, large], (1, 1, 24, 24, 24), warmup=1, repeats=3)
+    assert calls == ["small", "large"] * 4  # one call of each per round, warm-up included
+    assert 0 < fast < slow and large.training  # the mode is restored
+    with pytest.raises(ValueError, match="repeats"):
+        paired_latency([small], (1, 1, 8, 8, 8), repeats=0)
 
 
 def test_report_command_on_an_artifact_and_a_state_dict(tmp_path, capsys) -> None:

@@ -39,7 +39,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,15 @@ from prunekit3d.recipes.distill import (
     stand_in_step,
 )
 from prunekit3d.redundant import RedundantModule
-from prunekit3d.report import ModelReport, comparison_rows, comparison_table, count_flops, count_params, measure
+from prunekit3d.report import (
+    ModelReport,
+    comparison_rows,
+    comparison_table,
+    count_flops,
+    count_params,
+    measure,
+    paired_latency,
+)
 from prunekit3d.schedule import ProgressivePruner
 from prunekit3d.wrap import WrapSpec, apply_wrap_spec, redundant_modules, wrap, wrap_spec
 
@@ -797,6 +805,9 @@ class _Run:
             before = measure(self.teacher, size, name="original", device=self.device, warmup=1, repeats=3)
             bar.update(task, advance=1)
             after = measure(model, size, name="compressed", device=self.device, warmup=1, repeats=3)
+            # The latencies compared: timed in alternation, so that the machine's load drifts out of the ratio.
+            latency = paired_latency([self.teacher, model], size, warmup=1, repeats=7)
+            before, after = (replace(r, latency_ms=ms) for r, ms in zip((before, after), latency))
             bar.update(task, advance=1)
             agreement = agreement_dice(self.teacher, model, self.images, self.patch)
             bar.update(task, advance=1)
