@@ -9,6 +9,8 @@ a resumed run continues exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from prunekit3d.plan import PrunePlan
@@ -29,16 +31,25 @@ def _modules_of(model: nn.Module, plan: PrunePlan) -> dict[str, RedundantModule]
     return modules
 
 
+def _refuse(
+    plan: PrunePlan,
+    modules: dict[str, RedundantModule],
+    bad: Callable[[RedundantModule, int], bool],
+    message: str,
+) -> None:
+    """Raise ``message`` (formatted with ``name`` and ``bad``) for the first module whose chosen branches fail."""
+    for name, decision in plan.modules.items():
+        offending = [k for k in decision.chosen if bad(modules[name], k)]
+        if offending:
+            raise ValueError(message.format(name=name, bad=offending))
+
+
 def prune(model: nn.Module, plan: PrunePlan) -> None:
     """Mask the branches ``plan`` chose; the previous event's masked branches become permanent."""
     modules = _modules_of(model, plan)
-    for name, decision in plan.modules.items():
-        inactive = [k for k in decision.chosen if not modules[name].active[k]]
-        if inactive:
-            raise ValueError(
-                f"plan is stale: module {name!r} branches {inactive} are already off. "
-                "Calibrate again on the current model before pruning."
-            )
+    _refuse(plan, modules, lambda m, k: not m.active[k],
+            "plan is stale: module {name!r} branches {bad} are already off. "
+            "Calibrate again on the current model before pruning.")
     for module in modules.values():
         module.restorable.zero_()
     for name, decision in plan.modules.items():
@@ -49,13 +60,9 @@ def prune(model: nn.Module, plan: PrunePlan) -> None:
 def restore(model: nn.Module, plan: PrunePlan) -> None:
     """Switch back on exactly the branches that ``prune(model, plan)`` masked (the latest event only)."""
     modules = _modules_of(model, plan)
-    for name, decision in plan.modules.items():
-        gone = [k for k in decision.chosen if not modules[name].restorable[k]]
-        if gone:
-            raise ValueError(
-                f"cannot restore module {name!r} branches {gone}: they were not masked by the latest pruning "
-                "event (a later event removed them for good, or this plan was never applied)."
-            )
+    _refuse(plan, modules, lambda m, k: not m.restorable[k],
+            "cannot restore module {name!r} branches {bad}: they were not masked by the latest pruning "
+            "event (a later event removed them for good, or this plan was never applied).")
     for name, decision in plan.modules.items():
         modules[name].unmask(decision.chosen)
         modules[name].restorable[decision.chosen] = False
