@@ -21,6 +21,7 @@ from prunekit3d.io import ArtifactError, from_spec, load, load_manifest, save
 from prunekit3d.plan import ModuleDecision, PrunePlan
 from prunekit3d.prune import active_branches, prune, restore
 from prunekit3d.redundant import ParallelRedundantModule, RedundantModule, SequentialRedundantModule
+from prunekit3d.runtime import use_onednn
 from prunekit3d.schedule import Decision, ProgressivePruner
 from prunekit3d.export import check_onnx, export_onnx, export_torchscript
 from prunekit3d.slim import set_active_branches, slim
@@ -62,6 +63,7 @@ __all__ = [
     "restore",
     "save",
     "slim",
+    "use_onednn",
     "wrap",
     "wrap_spec",
 ]
