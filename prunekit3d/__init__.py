@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 from prunekit3d.calibrate import GateMagnitude, ReconstructionError, calibrate
 from prunekit3d.channels import ChannelPlan, ChannelRecord, channel_record, prune_channels
+from prunekit3d.export import check_onnx, export_onnx, export_torchscript
 from prunekit3d.fd import FDFeatures, FDLoss, find_fd_features, foreground_percentile
 from prunekit3d.io import ArtifactError, from_spec, load, load_manifest, save
 from prunekit3d.plan import ModuleDecision, PrunePlan
@@ -23,7 +24,6 @@ from prunekit3d.prune import active_branches, prune, restore
 from prunekit3d.redundant import ParallelRedundantModule, RedundantModule, SequentialRedundantModule
 from prunekit3d.runtime import use_onednn
 from prunekit3d.schedule import Decision, ProgressivePruner
-from prunekit3d.export import check_onnx, export_onnx, export_torchscript
 from prunekit3d.slim import set_active_branches, slim
 from prunekit3d.wrap import WrapSpec, find_blocks, redundant_modules, wrap, wrap_spec
 

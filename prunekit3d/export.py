@@ -11,28 +11,16 @@ torch >= 2.9 (``torch.export`` + onnxscript) -- with every weight inside the one
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from prunekit3d.io.files import atomic_file
+from prunekit3d.modes import eval_mode
 
 __all__ = ["check_onnx", "export_onnx", "export_torchscript"]
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[nn.Module]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes.items():
-            m.train(training)
 
 
 def _check_input(example_input: torch.Tensor) -> None:
@@ -56,7 +44,7 @@ def export_onnx(
         ``path`` as a :class:`~pathlib.Path`.
     """
     _check_input(example_input)
-    with _eval(model), torch.no_grad(), atomic_file(path, ".onnx") as tmp:
+    with eval_mode(model), torch.no_grad(), atomic_file(path, ".onnx") as tmp:
         program = torch.onnx.export(
             model, (example_input,), dynamo=True, opset_version=opset, input_names=["input"], verbose=False
         )
@@ -72,7 +60,7 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
     Load it back with ``torch.jit.load(path)``; no Python class of the model is needed.
     """
     _check_input(example_input)
-    with _eval(model), torch.no_grad(), atomic_file(path, ".pt") as tmp:
+    with eval_mode(model), torch.no_grad(), atomic_file(path, ".pt") as tmp:
         # check_trace re-runs and diffs whole graphs (slow); comparing the outputs once is enough here.
         traced = torch.jit.trace(model, example_input, check_trace=False)
         diff = _max_diff(traced(example_input), model(example_input))
@@ -104,5 +92,5 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, example_input: torch.T
         raise ImportError("check_onnx needs onnxruntime: pip install onnxruntime") from e
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: example_input.detach().cpu().numpy()})
-    with _eval(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         return _max_diff(got, model(example_input))

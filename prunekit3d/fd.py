@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit3d.modes import eval_mode
 from prunekit3d.wrap import _tensors, unwrap
 
 __all__ = ["FDFeatures", "FDLoss", "find_fd_features", "foreground_percentile"]
@@ -109,16 +110,13 @@ def _trace_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[_C
     modules = list(dict.fromkeys(model.modules()))
     handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in modules]
     handles += [m.register_forward_hook(post, with_kwargs=True) for m in modules]
-    modes = {m: m.training for m in modules}
     try:
-        model.eval()  # eval: no deep-supervision side paths, no dropout; the sizes are the same
-        with torch.no_grad():
+        # eval: no deep-supervision side paths, no dropout; the sizes are the same
+        with eval_mode(model), torch.no_grad():
             output = model(example_input)
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.train(training)
     return [c for c in calls if c.module is not model], list(_tensors(output))
 
 

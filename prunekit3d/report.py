@@ -40,6 +40,8 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from prunekit3d.modes import eval_mode
+
 __all__ = [
     "ModelReport",
     "comparison_rows",
@@ -165,23 +167,12 @@ def _first_tensors(output: Any) -> list[torch.Tensor]:
     return []
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes.items():
-            m.train(training)
-
-
 @torch.no_grad()
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> tuple[int, dict[str, int]]:
     """fvcore's FLOPs of one eval-mode forward (one multiply-add = 1) and the operators it skipped."""
     from fvcore.nn import FlopCountAnalysis  # imported on use: it is slow to import
 
-    with _eval_mode(model), _quiet_stderr(), warnings.catch_warnings():
+    with eval_mode(model), _quiet_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's deprecation and trace warnings say nothing about the count
         analysis = FlopCountAnalysis(model, example_input)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
@@ -299,7 +290,7 @@ def measure(
     params = count_params(model)
     flops, skipped = count_flops(model, x)
 
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         def infer() -> None:
             model(x)
 
@@ -349,7 +340,7 @@ def paired_latency(
     times: list[list[float]] = [[] for _ in calls]
     with contextlib.ExitStack() as stack, torch.no_grad():
         for model, _, _ in calls:
-            stack.enter_context(_eval_mode(model))
+            stack.enter_context(eval_mode(model))
         for round_ in range(warmup + repeats):
             for i, (model, x, dev) in enumerate(calls):
                 _sync(dev)

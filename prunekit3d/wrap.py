@@ -24,6 +24,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from prunekit3d.modes import eval_mode
 from prunekit3d.redundant import MODES, LightBranch, RedundantModule, kernel_family
 
 __all__ = ["BlockSpec", "WrapSpec", "wrap", "redundant_modules", "find_blocks", "wrap_spec", "apply_wrap_spec", "unwrap"]
@@ -113,16 +114,12 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, lis
 
     modules = list(dict.fromkeys(model.modules()))
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
-    modes = {m: m.training for m in modules}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             output = model(example_input)
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.train(training)
     outputs = {id(t) for t in _tensors(output)}
     calls: dict[nn.Module, list[_Call]] = {}
     for module, args, kwargs, out in records:

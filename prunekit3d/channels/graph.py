@@ -50,6 +50,7 @@ from torch import nn
 from torch_pruning import ops
 from torch_pruning.pruner.function import BasePruningFunc
 
+from prunekit3d.modes import kept_modes
 from prunekit3d.redundant import LightBranch, RedundantModule, SequentialRedundantModule
 from prunekit3d.redundant.branches import NEGATIVE_SLOPE
 from prunekit3d.slim.blocks import GatedBlock, SlimParallel
@@ -245,9 +246,9 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         with traceable_forward(m, prelu):
             return m(x)
 
-    modes = {m: m.training for m in model.modules()}
     try:
-        with torch.enable_grad(), _all_parameters_traced(model):
+        # kept_modes: torch-pruning leaves the model in eval mode
+        with kept_modes(model), torch.enable_grad(), _all_parameters_traced(model):
             graph = tp.DependencyGraph().build_dependency(
                 model,
                 example_inputs=example_input,
@@ -257,8 +258,6 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
                 verbose=False,
             )
     finally:
-        for m, training in modes.items():  # torch-pruning leaves the model in eval mode
-            m.train(training)
         _detach_kept_tensors(model)
     sync_splits(graph)
     return graph
@@ -382,15 +381,17 @@ def sync_splits(graph: tp.DependencyGraph) -> None:
     through them ever after; a second pruning round on the same graph would then address channels
     the first round removed. The outputs are also put in branch order, which the offsets assume.
     """
-    for m in unwrap(graph.model).modules():
-        if not (isinstance(m, SlimParallel) and len(m.convs) > 1):
+    branch = {  # each branch conv of a multi-branch slim block -> its position in the block
+        conv: i
+        for m in unwrap(graph.model).modules()
+        if isinstance(m, SlimParallel) and len(m.convs) > 1
+        for i, conv in enumerate(m.convs)
+    }
+    for node in graph.module2node.values():
+        if node.type != ops.OPTYPE.SPLIT or not node.outputs or any(o.module not in branch for o in node.outputs):
             continue
-        convs = {conv: i for i, conv in enumerate(m.convs)}
-        for node in graph.module2node.values():
-            if node.type != ops.OPTYPE.SPLIT or not node.outputs or any(o.module not in convs for o in node.outputs):
-                continue
-            node.outputs.sort(key=lambda o: convs[o.module])
-            sizes = [o.module.in_channels for o in node.outputs]
-            node.module.split_sizes = sizes
-            node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        node.outputs.sort(key=lambda o: branch[o.module])
+        sizes = [o.module.in_channels for o in node.outputs]
+        node.module.split_sizes = sizes
+        node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 

@@ -33,6 +33,7 @@ from prunekit3d.channels.graph import (
     sync_widths,
 )
 from prunekit3d.channels.record import ChannelPlan, add_round
+from prunekit3d.modes import eval_mode
 from prunekit3d.redundant import RedundantModule
 from prunekit3d.wrap import unwrap
 
@@ -60,15 +61,8 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """FLOPs of one eval-mode forward pass on ``example_input`` (torch's counter: 2 per multiply-add)."""
-    model = unwrap(model)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(example_input)
-    finally:
-        for m, training in modes.items():
-            m.train(training)
+    with eval_mode(unwrap(model)) as net, FlopCounterMode(display=False) as counter:
+        net(example_input)
     return int(counter.get_total_flops())
 
 
