@@ -34,13 +34,7 @@ from prunekit3d.slim.blocks import SlimParallel
 PATTERNS = [[0, 2], [1, 3], [0, 1, 2, 4], None]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: one thread avoids OpenMP oversubscription on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.threads(1)
 
 
 def _dynunet_ds() -> tuple[nn.Module, torch.Tensor]:

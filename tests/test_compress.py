@@ -25,12 +25,7 @@ FAST = ["--patch", "32", "--batch", "1", "--blockwise-epochs", "1", "--epochs", 
         "--iters-per-epoch", "2", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.threads(2)
 
 
 def _sha(path: Path) -> str:

@@ -23,13 +23,7 @@ PATTERNS_WRAPPED = [[], [0], [2], [0, 1, 3], [1, 2, 4], None]
 PATTERNS_PSP = [[], [1], [0, 2, 3], None]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: one thread avoids OpenMP oversubscription on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.threads(1)
 
 
 def _params(model: nn.Module) -> int:
