@@ -3,10 +3,10 @@
 For a batch-1 ``float32`` input, PyTorch's CPU backend picks oneDNN for a 3x3x3 ``Conv3d`` only when
 ``N * C * D * H > 20480``; below that it runs ``slow_conv3d`` (im2col and a GEMM). The layers of small
 and of channel-pruned 3-D U-Nets are mostly below that line, which is why their latency falls far less
-than their FLOPs. Measured here (2 CPU cores, one 3x3x3 conv): oneDNN is 3-8x faster at 8-32
-channels on 16^3-32^3 inputs, 1.6x at 128 channels on 4^3; whole networks gain 1.35-1.9x (PSP-Seg S at
-64^3, the demo DynUNet and its compressed version at 64x64x32), large ones nothing (they already run on
-oneDNN).
+than their FLOPs. Measured by ``benchmarks/onednn.py`` (2 CPU cores): one 3x3x3 conv below the line
+runs 2-12x faster at 8-32 channels on 16^3-32^3 inputs and 1.3x at 128 channels on 4^3; whole networks
+gain 1.2-1.9x (PSP-Seg S at 64^3, the demo DynUNet and its compressed version at 64x64x32), large ones
+nothing (they already run on oneDNN).
 
 :func:`use_onednn` changes no weight and no result beyond float rounding (1e-4): the convolutions keep
 their parameters and state-dict names, and fall back to PyTorch's own path wherever the oneDNN call
