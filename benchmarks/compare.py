@@ -81,11 +81,10 @@ def psp(variant: str) -> Callable[[], nn.Module]:
 
 def sample_patches(size: int, n: int = 4) -> list[torch.Tensor]:
     """``n`` z-scored patches of the sample CT (padded to ``size`` where the CT is smaller)."""
-    from prunekit3d.recipes.checkpoints import read_volumes
-    from prunekit3d.recipes.compress import PatchSampler, _normalised
+    from prunekit3d.data import PatchSampler, normalise_volume, read_volumes
     from prunekit3d.sample import sample_dataset
 
-    image = _normalised(read_volumes(sample_dataset())[0], "zscore")
+    image = normalise_volume(read_volumes(sample_dataset())[0], "zscore")
     sampler = PatchSampler([image], None, (size,) * 3)
     generator = torch.Generator().manual_seed(0)
     return [sampler.sample(1, generator)[0] for _ in range(n)]
@@ -105,7 +104,8 @@ def pruned(build: Callable[[], nn.Module], patches: list[torch.Tensor]) -> Calla
 
 def demo_pair(console: Console) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """The demo baseline and its compressed version (compress run here, label-free, on the sample)."""
-    from prunekit3d.recipes.compress import CompressConfig, compress, label_dice
+    from prunekit3d.evaluate import label_dice
+    from prunekit3d.recipes.compress import CompressConfig, compress
     from prunekit3d.recipes.demo import BASELINE_SPEC, PATCH, _sample_volume, baseline
     from prunekit3d.sample import sample_dataset
 

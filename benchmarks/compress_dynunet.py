@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 import prunekit3d as pk
-from prunekit3d.recipes.compress import label_dice
+from prunekit3d.evaluate import label_dice
 from prunekit3d.recipes.demo import PATCH, _sample_volume, train_baseline
 from prunekit3d.sample import sample_dataset
 

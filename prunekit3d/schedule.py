@@ -53,7 +53,7 @@ from prunekit3d.calibrate import Scorer, calibrate
 from prunekit3d.plan import PrunePlan
 from prunekit3d.prune import prune, restore
 
-__all__ = ["Decision", "ProgressivePruner"]
+__all__ = ["Decision", "ProgressivePruner", "kept_plans"]
 
 @dataclass
 class Decision:
@@ -331,3 +331,18 @@ class ProgressivePruner:
         self._pending = PrunePlan.from_dict(state["pending"]) if state["pending"] is not None else None
         self.history = [dict(h) for h in state["history"]]
         self.skipped = list(state["skipped"])
+
+
+def kept_plans(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The plans of the pruning events that stayed (not undone by a restore or the final stop), oldest first.
+
+    Args:
+        events: the pruner's ``history`` (or :meth:`Decision.to_dict` records), in order.
+    """
+    kept: list[dict[str, Any]] = []
+    for event in events:
+        if event["kind"] == "prune":
+            kept.append(event["plan"])
+        elif event["kind"] in ("restore", "stop") and event.get("plan") is not None and event["structure_changed"]:
+            kept.pop()
+    return kept

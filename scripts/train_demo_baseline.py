@@ -16,7 +16,7 @@ from pathlib import Path
 
 import safetensors.torch
 
-from prunekit3d.recipes.compress import label_dice
+from prunekit3d.evaluate import label_dice
 from prunekit3d.recipes.demo import BASELINE, PATCH, _sample_volume, train_baseline
 
 

@@ -15,7 +15,7 @@ from monai.networks.nets import DynUNet
 
 import prunekit3d as pk
 from prunekit3d.cli import main
-from prunekit3d.recipes.compress import CompressConfig, _Run, compress, partial_dir
+from prunekit3d.recipes.compress import CompressConfig, blocks, channels, compress, partial_dir
 from prunekit3d.sample import sample_dataset
 
 KWARGS = dict(spatial_dims=3, in_channels=1, out_channels=3, kernel_size=[3, 3, 3], strides=[1, 2, 2],
@@ -146,15 +146,15 @@ def test_interrupted_run_resumes_from_its_last_phase(checkpoint, tmp_path, monke
     out = tmp_path / "small"
     args = _args(checkpoint, out, "--target-params", "0.5")
     calls: list[int] = []
-    original = _Run._prune_round
+    original = channels.prune_round
 
-    def interrupted(self, model, r, total):
+    def interrupted(run, model, r, total):
         calls.append(r)
         if calls == [0, 1]:  # Ctrl-C in the second round of the first run
             raise KeyboardInterrupt
-        return original(self, model, r, total)
+        return original(run, model, r, total)
 
-    monkeypatch.setattr(_Run, "_prune_round", interrupted)
+    monkeypatch.setattr(channels, "prune_round", interrupted)
     with pytest.raises(KeyboardInterrupt):
         main(args)
     partial = partial_dir(out)
@@ -166,8 +166,8 @@ def test_interrupted_run_resumes_from_its_last_phase(checkpoint, tmp_path, monke
     def never(*_args, **_kwargs):
         raise AssertionError("a completed phase ran again")
 
-    monkeypatch.setattr(_Run, "stand_in", never)
-    monkeypatch.setattr(_Run, "blocks", never)
+    monkeypatch.setattr(blocks, "stand_in", never)
+    monkeypatch.setattr(blocks, "block_pruning", never)
     assert main([*args, "--resume"]) == 0
     assert calls == [0, 1, 1, 2]  # round 0 was not pruned again
     report = json.loads((out / "report.json").read_text())
@@ -179,10 +179,10 @@ def test_interrupted_run_resumes_from_its_last_phase(checkpoint, tmp_path, monke
 def test_resume_refuses_other_settings(checkpoint, tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "small"
 
-    def stop(self):
+    def stop(run):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_Run, "channels", stop)
+    monkeypatch.setattr(channels, "channel_pruning", stop)
     with pytest.raises(KeyboardInterrupt):
         main(_args(checkpoint, out, "--target-params", "0.5"))
     code = main([*_args(checkpoint, out, "--target-params", "0.4"), "--resume"])
@@ -194,7 +194,7 @@ def test_resume_refuses_other_settings(checkpoint, tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize("wrapper", ["plain", "state_dict", "network_weights", "ddp"])
 def test_state_dicts_are_read_in_the_usual_wrappings(wrapper, tmp_path) -> None:
-    from prunekit3d.recipes.checkpoints import build_model
+    from prunekit3d.sources import build_model
 
     net = DynUNet(**KWARGS)
     state = net.state_dict()
@@ -208,7 +208,7 @@ def test_state_dicts_are_read_in_the_usual_wrappings(wrapper, tmp_path) -> None:
 
 
 def test_calibration_images_from_files_folders_and_msd(tmp_path) -> None:
-    from prunekit3d.recipes.checkpoints import read_labels, read_volumes
+    from prunekit3d.data import read_labels, read_volumes
 
     for c in range(2):  # nnU-Net's one file per channel: case_0000, case_0001
         _write_nifti(tmp_path / f"case_{c:04d}.nii.gz", 1)

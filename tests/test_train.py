@@ -20,8 +20,8 @@ from rich.console import Console
 
 import prunekit3d.io as pio
 from prunekit3d.recipes import Trainer, TrainConfig, read_msd, split_cases, train
-from prunekit3d.recipes.cli_train import add_train_arguments, run_train
-from prunekit3d.recipes.data import Normalise, intensity_fingerprint
+from prunekit3d.cli.train import add_train_arguments, run_train
+from prunekit3d.data import Normalise, intensity_fingerprint
 from prunekit3d.sample import sample_dataset
 from prunekit3d.wrap import redundant_modules
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ArtifactError"]
+__all__ = ["ArtifactError", "first_line"]
 
 
 class ArtifactError(ValueError):
@@ -10,3 +10,9 @@ class ArtifactError(ValueError):
 
     The message names the file and the problem (a checksum, a key, two shapes).
     """
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (or its type name): what one-line error messages quote."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

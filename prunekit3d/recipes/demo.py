@@ -48,13 +48,12 @@ PATCH = (64, 64, 32)
 
 def _sample_volume() -> tuple[torch.Tensor, torch.Tensor]:
     """The sample CT, z-scored as ``compress`` does by default, ``(1, X, Y, Z)``, and its labels ``(X, Y, Z)``."""
-    from prunekit3d.recipes.checkpoints import read_labels, read_volumes
-    from prunekit3d.recipes.compress import _normalised
+    from prunekit3d.data import normalise_volume, read_labels, read_volumes
     from prunekit3d.sample import sample_dataset
 
     volumes = read_volumes(sample_dataset())
     read_labels(sample_dataset(), volumes)
-    return _normalised(volumes[0], "zscore"), torch.from_numpy(volumes[0].label)
+    return normalise_volume(volumes[0], "zscore"), torch.from_numpy(volumes[0].label)
 
 
 def train_baseline(
@@ -63,8 +62,8 @@ def train_baseline(
     """Train the demo baseline (or the network of ``spec``) on the sample CT: Dice + cross-entropy, Adam,
     random 64x64x32 patches."""
     from prunekit3d.io import from_spec
-    from prunekit3d.recipes.compress import PatchSampler
-    from prunekit3d.recipes.distill import supervised_loss
+    from prunekit3d.data import PatchSampler
+    from prunekit3d.recipes.compress.distill import supervised_loss
 
     console = console or Console()
     torch.manual_seed(seed)
@@ -95,7 +94,7 @@ def train_baseline(
 def baseline(console: Console | None = None) -> tuple[nn.Module, str]:
     """The demo baseline: the shipped weights if installed, else trained now. Returns it and where it came from."""
     from prunekit3d.io import from_spec
-    from prunekit3d.recipes.checkpoints import fit_weights, read_state_dict
+    from prunekit3d.sources import fit_weights, read_state_dict
 
     if BASELINE.is_file():
         model = from_spec(BASELINE_SPEC)
@@ -122,7 +121,8 @@ def run_demo(out: str | Path = "prunekit3d-demo", *, device: str = "auto", overw
     """
     import safetensors.torch
 
-    from prunekit3d.recipes.compress import CompressConfig, compress, label_dice, partial_dir
+    from prunekit3d.evaluate import label_dice
+    from prunekit3d.recipes.compress import CompressConfig, compress, partial_dir
     from prunekit3d.sample import sample_dataset
 
     started = time.perf_counter()

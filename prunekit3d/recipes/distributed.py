@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Runtime", "all_sum", "start", "stop"]
+__all__ = ["Runtime", "all_sum", "resolve_device", "start", "stop"]
 
 
 @dataclass
@@ -34,18 +34,31 @@ class Runtime:
         return self.device.type == "cuda"
 
 
-def _device(requested: str, local_rank: int, world: int) -> torch.device:
+def resolve_device(requested: str = "auto") -> torch.device:
+    """The device a ``--device`` flag names: "auto" (CUDA if available, else the CPU), "cpu", "cuda", "cuda:N".
+
+    Raises:
+        ValueError: not a device name, or CUDA asked for where there is none.
+    """
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"--device {requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {requested!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _device(requested: str, local_rank: int, world: int) -> torch.device:
+    device = resolve_device(requested)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
         if world > 1:
             device = torch.device("cuda", local_rank)  # torchrun: one GPU per process
         torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ValueError(f"--device {requested!r}: use auto, cpu, cuda or cuda:N")
     return device
 
 

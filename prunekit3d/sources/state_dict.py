@@ -1,19 +1,14 @@
-"""Reading what ``prunekit3d compress`` and ``report`` are given: a trained network and calibration images.
+"""A trained network given as weights: a prunekit3d artifact, or a state dict plus the network's spec.
 
-A network comes from one of::
+::
 
     CHECKPOINT (artifact dir)                         --prunekit3d.load-------------------------------> model
     CHECKPOINT (.pt/.pth, .safetensors) + model spec  --from_spec, check 3-D, check every tensor, load--> model
 
-where a ``.pt``/``.pth`` file is read with ``torch.load(weights_only=True)`` (never unpickling code) and may
-hold the state dict itself or inside ``{"state_dict": ...}`` / ``{"network_weights": ...}`` (nnU-Net), and
-the spec is ``--model DOTTED.PATH --model-kwargs JSON`` or ``--spec FILE`` (JSON, see
-:func:`prunekit3d.from_spec`). Nothing is ever written next to the input.
-
-Calibration images (``--calib``) come from a NIfTI file, a folder of them (nnU-Net's ``case_0000.nii.gz``,
-``case_0001.nii.gz`` ... files are joined into one multi-channel case) or an MSD data set folder
-(``dataset.json``); each becomes a :class:`Volume` ``(C, X, Y, Z)`` float32 array, in the voxel order stored
-in the file. Labels (``--labels``) are matched to the images by case name.
+A ``.pt``/``.pth`` file is read with ``torch.load(weights_only=True)`` (never unpickling code) and may hold
+the state dict itself or inside ``{"state_dict": ...}`` / ``{"network_weights": ...}`` (nnU-Net); the spec is
+``--model DOTTED.PATH --model-kwargs JSON`` or ``--spec FILE`` (JSON, see :func:`prunekit3d.from_spec`).
+Nothing is ever written next to the input.
 """
 
 from __future__ import annotations
@@ -23,35 +18,22 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from prunekit3d.io import from_spec, load
 from prunekit3d.io.artifact import MANIFEST
+from prunekit3d.io.errors import first_line
 
-__all__ = [
-    "Volume",
-    "build_model",
-    "check_3d",
-    "first_conv",
-    "fit_weights",
-    "model_spec",
-    "read_labels",
-    "read_state_dict",
-    "read_volumes",
-]
+__all__ = ["build_model", "check_3d", "first_conv", "fit_weights", "model_spec", "read_state_dict"]
 
 #: Keys under which training frameworks nest the weights (Lightning / MONAI, nnU-Net).
 NESTED_KEYS = ("state_dict", "network_weights")
-NIFTI = (".nii.gz", ".nii")
 
 
-# ---- the network --------------------------------------------------------------------------------------
 def model_spec(
     model: str | None, model_kwargs: str | Mapping[str, Any] | None, spec_file: str | Path | None
 ) -> dict[str, Any] | None:
@@ -122,7 +104,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return _strip_prefix(safetensors.torch.load_file(path, device="cpu"))
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"cannot read checkpoint {path} as safetensors: {_first_line(err)}") from None
+            raise ValueError(f"cannot read checkpoint {path} as safetensors: {first_line(err)}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -134,7 +116,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             ) from None
         raise ValueError(f"cannot read checkpoint {path}: damaged or not a PyTorch file") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise ValueError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({_first_line(err)})") from None
+        raise ValueError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({first_line(err)})") from None
     if isinstance(obj, Mapping):
         for key in NESTED_KEYS:
             if _is_tensor_dict(obj.get(key)):
@@ -145,11 +127,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict: expected a dict of tensors, "
         f"possibly under one of {list(NESTED_KEYS)}; save torch.save(model.state_dict(), path)"
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_3d(model: nn.Module, what: str) -> None:
@@ -242,122 +219,3 @@ def first_conv(model: nn.Module) -> tuple[str, nn.Module]:
         if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
             return name, m
     raise ValueError(f"{type(model).__name__} has no 3-D convolution")
-
-
-# ---- calibration images ---------------------------------------------------------------------------------
-@dataclass
-class Volume:
-    """One calibration case: ``image`` is ``(C, X, Y, Z)`` float32 as stored; ``label`` ``(X, Y, Z)`` or ``None``."""
-
-    name: str
-    image: np.ndarray
-    label: np.ndarray | None = None
-    source: str = ""
-
-
-def _case_name(path: Path) -> str:
-    for ending in NIFTI:
-        if path.name.endswith(ending):
-            return path.name[: -len(ending)]
-    return path.stem
-
-
-def _read_nifti(path: Path) -> np.ndarray:
-    import nibabel as nib
-
-    try:
-        data = np.asanyarray(nib.load(str(path)).dataobj, dtype=np.float32)
-    except Exception as err:  # nibabel raises several types for damaged files
-        raise ValueError(f"cannot read {path} as NIfTI: {_first_line(err)}") from None
-    if data.ndim == 5 and data.shape[3] == 1:  # ITK writes vector images as X, Y, Z, 1, C
-        data = data[:, :, :, 0]
-    if data.ndim not in (3, 4):
-        raise ValueError(f"{path} is a {data.ndim}-D image {data.shape}; calibration images are 3-D volumes "
-                         "(X, Y, Z), or 4-D with channels last")
-    return data
-
-
-def _image(paths: list[Path]) -> np.ndarray:
-    arrays = [_read_nifti(p) for p in paths]
-    if len(arrays) == 1:
-        a = arrays[0]
-        return a[None] if a.ndim == 3 else np.moveaxis(a, -1, 0)
-    if any(a.ndim != 3 for a in arrays) or len({a.shape for a in arrays}) != 1:
-        raise ValueError(f"the channel files {[p.name for p in paths]} must be 3-D volumes of one shape")
-    return np.stack(arrays)
-
-
-def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI))
-
-
-def _group_channels(files: list[Path]) -> dict[str, list[Path]]:
-    """nnU-Net's ``case_0000``, ``case_0001`` ... files as one case; otherwise one case per file."""
-    pattern = re.compile(r"^(.*)_(\d{4})$")
-    matches = [pattern.match(_case_name(f)) for f in files]
-    if all(matches):
-        cases: dict[str, list[Path]] = {}
-        for f, m in zip(files, matches):
-            cases.setdefault(m.group(1), []).append(f)  # type: ignore[union-attr]
-        return {c: sorted(fs) for c, fs in cases.items()}
-    return {_case_name(f): [f] for f in files}
-
-
-def read_volumes(path: str | Path, what: str = "--calib") -> list[Volume]:
-    """The images of a NIfTI file, a folder of NIfTI files or an MSD data set folder.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: no image found, or one cannot be read.
-    """
-    path = Path(path)
-    hint = "pass a NIfTI file (.nii, .nii.gz), a folder of them, or an MSD data set folder (dataset.json)"
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {path} does not exist; {hint}")
-    if path.is_file():
-        if not path.name.endswith(NIFTI):
-            raise ValueError(f"{what} {path} is not a NIfTI file; {hint}")
-        cases = {_case_name(path): [path]}
-    elif (path / "dataset.json").is_file():
-        from prunekit3d.recipes.data import read_msd
-
-        dataset = read_msd(path)
-        cases = {name: [Path(p) for p in np.atleast_1d(files["image"])] for name, files in dataset.cases.items()}
-    else:
-        files = _nifti_files(path)
-        if not files:
-            raise ValueError(f"{what} {path} holds no NIfTI image (.nii, .nii.gz); {hint}")
-        cases = _group_channels(files)
-    return [Volume(name, _image(files), source=str(files[0])) for name, files in cases.items()]
-
-
-def read_labels(path: str | Path, volumes: list[Volume]) -> None:
-    """Attach ``label`` arrays to ``volumes`` in place: one NIfTI file (one volume), a folder of label
-    files named like the cases, or an MSD folder (its ``labelsTr/``).
-
-    Raises:
-        FileNotFoundError, ValueError: a label is missing or does not fit its image.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--labels {path} does not exist; pass a label NIfTI file or a folder of them")
-    if path.is_file():
-        if len(volumes) != 1:
-            raise ValueError(f"--labels {path} is one file but --calib holds {len(volumes)} images; pass a folder "
-                             "of label files named like the images")
-        files = {volumes[0].name: path}
-    else:
-        folder = path / "labelsTr" if (path / "dataset.json").is_file() else path
-        files = {_case_name(f): f for f in _nifti_files(folder)}
-    for v in volumes:
-        if v.name not in files:
-            raise FileNotFoundError(f"no label for calibration image {v.name!r} in {path} (expected {v.name}.nii.gz)")
-        label = _read_nifti(files[v.name])
-        if label.ndim != 3 or label.shape != v.image.shape[1:]:
-            raise ValueError(
-                f"label {files[v.name]} has shape {label.shape}, its image {v.name!r} {v.image.shape[1:]}; "
-                "labels must be 3-D on the image's grid"
-            )
-        if not np.all(label == np.round(label)) or label.min() < 0:
-            raise ValueError(f"label {files[v.name]} holds values that are not class indices 0, 1, 2, ...")
-        v.label = label.astype(np.int64)

@@ -1,25 +1,18 @@
-"""``prunekit3d compress``, ``report`` and ``demo``: argument parsing, then the Python API.
+"""``prunekit3d compress``: argument parsing, then the Python API.
 
-Each command is ``(help line, add_arguments(parser), run(args) -> exit code)`` as
-:data:`prunekit3d.cli.COMMANDS` holds it. Bad input raises ``ValueError`` / ``FileNotFoundError`` /
-``FileExistsError`` with one line naming the problem and the fix; ``prunekit3d.cli.main`` prints it and exits 2.
+The command is ``(help line, add_arguments(parser), run(args) -> exit code)`` as :data:`prunekit3d.cli.COMMANDS`
+holds it. Bad input raises ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` with one line naming the
+problem and the fix; ``prunekit3d.cli.main`` prints it and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-__all__ = ["COMPRESS", "DEMO", "REPORT", "add_compress_arguments", "add_demo_arguments", "add_report_arguments",
-           "run_compress", "run_demo", "run_report"]
+from prunekit3d.cli.arguments import add_model_arguments
 
-
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("network (for a state dict; an artifact records its own)")
-    group.add_argument("--model", metavar="DOTTED.PATH", help="network class, e.g. monai.networks.nets.DynUNet")
-    group.add_argument("--model-kwargs", metavar="JSON", help="its keyword arguments as a JSON object")
-    group.add_argument("--spec", metavar="FILE", help='JSON spec {"import_path": ..., "kwargs": {...}} instead')
+__all__ = ["COMMAND", "add_compress_arguments", "run_compress"]
 
 
 def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +23,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prunekit3d artifact directory, or state dict (.pt, .pth, .safetensors)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output directory (artifact, report.json, report.md)")
-    _model_arguments(parser)
+    add_model_arguments(parser)
     data = parser.add_argument_group("calibration data")
     data.add_argument("--calib", required=True, metavar="PATH",
                       help="NIfTI file, folder of them, or MSD data set folder")
@@ -84,50 +77,4 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="TARGET",
-                        help="prunekit3d artifact directory, or state dict with --model/--spec")
-    _model_arguments(parser)
-    parser.add_argument("--input-size", type=int, nargs=5, required=True, metavar=("B", "C", "D", "H", "W"),
-                        help="input tensor size, e.g. 1 1 64 64 64")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (auto)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs, median reported (5)")
-    parser.add_argument("--no-train-step", dest="train_step", action="store_false", help="skip the training step")
-
-
-def run_report(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from prunekit3d.recipes.checkpoints import build_model, model_spec
-    from prunekit3d.recipes.compress import _device
-    from prunekit3d.report import measure
-
-    model, _ = build_model(args.target, model_spec(args.model, args.model_kwargs, args.spec))
-    report = measure(model, args.input_size, name=Path(args.target).name, device=_device(args.device),
-                     repeats=args.repeats, train_step=args.train_step)
-    Console().print(report)
-    if args.json is not None:
-        from prunekit3d.io.files import atomic_file
-
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(report.to_json() + "\n", encoding="utf-8")
-    return 0
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="prunekit3d-demo", metavar="DIR", help="output directory (prunekit3d-demo)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (auto)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from prunekit3d.recipes.demo import run_demo as demo
-
-    demo(args.out, device=args.device, overwrite=args.overwrite)
-    return 0
-
-
-COMPRESS = ("compress a trained 3-D segmentation network to a budget, label-free", add_compress_arguments, run_compress)
-REPORT = ("measure a network: parameters, FLOPs, latency, peak memory", add_report_arguments, run_report)
-DEMO = ("compress a small DynUNet on the bundled sample CT and show before / after", add_demo_arguments, run_demo)
+COMMAND = ("compress a trained 3-D segmentation network to a budget, label-free", add_compress_arguments, run_compress)

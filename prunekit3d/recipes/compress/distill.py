@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit3d.evaluate import output_logits
 from prunekit3d.redundant import RedundantModule
 
 __all__ = [
@@ -42,23 +42,11 @@ __all__ = [
     "distillation_loss",
     "init_stand_ins",
     "logit_distillation",
-    "output_logits",
     "stand_in_errors",
     "stand_in_parameters",
     "stand_in_step",
     "supervised_loss",
 ]
-
-
-def output_logits(output: Any) -> torch.Tensor:
-    """The full-resolution prediction of a network's output (the first tensor of a list or tuple)."""
-    while isinstance(output, (list, tuple)):
-        output = output[0]
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(
-            f"the network returned a {type(output).__name__}; prunekit3d needs a tensor (or a list of them)"
-        )
-    return output
 
 
 def logit_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

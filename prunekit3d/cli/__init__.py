@@ -1,7 +1,7 @@
 """Command line: a thin layer that parses arguments and calls the Python API.
 
-Each sub-command lives in one ``_cmd_*`` function registered in ``COMMANDS``; the work itself is
-done by the library modules so that the CLI and Python users share one code path.
+Each sub-command lives in its own module (``prunekit3d/cli/<command>.py``) and is registered in ``COMMANDS``;
+the work itself is done by the library modules so that the CLI and Python users share one code path.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 
 def _commands() -> dict[str, Command]:
     # The command modules import heavy libraries (MONAI, fvcore) only when a command runs.
-    from prunekit3d.recipes.cli_compress import COMPRESS, DEMO, REPORT
-    from prunekit3d.recipes.cli_train import COMMAND as TRAIN
+    from prunekit3d.cli import compress, demo, report, train
 
-    return {"demo": DEMO, "compress": COMPRESS, "report": REPORT, "train": TRAIN}
+    return {"demo": demo.COMMAND, "compress": compress.COMMAND, "report": report.COMMAND, "train": train.COMMAND}
 
 
 COMMANDS: dict[str, Command] = _commands()

@@ -20,9 +20,7 @@ Determinism and resuming: every epoch's sampling, augmentation and calibration b
 uninterrupted run draws from epoch ``e + 1`` on; the checkpoint holds the weights with their masks, the
 optimizer, the pruner's state and the history.
 
-Masked branches: their parameters are frozen (``requires_grad=False``) while masked, so DDP and the
-optimizer skip them and they come back unchanged if the event is undone; the masked gates' momentum is
-zeroed, as their gradient is zero from then on.
+Masked branches are frozen while masked and their gates' momentum dropped (:mod:`~prunekit3d.recipes.train.masks`).
 """
 
 from __future__ import annotations
@@ -34,30 +32,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, MetaTensor
-from monai.inferers import sliding_window_inference
+from monai.data import DataLoader, MetaTensor
 from monai.losses import DeepSupervisionLoss, DiceCELoss
-from monai.metrics import compute_dice, compute_surface_dice
-from monai.networks.utils import one_hot
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from prunekit3d.fd import FDLoss, foreground_percentile
+from prunekit3d.evaluate import dice_and_nsd, sliding_window_logits
+from prunekit3d.fd import FDLoss
 from prunekit3d.io import load, save
 from prunekit3d.io.files import write_json
 from prunekit3d.models import psp_seg
 from prunekit3d.recipes import distributed
 from prunekit3d.recipes.checkpoint import load_checkpoint, save_checkpoint
-from prunekit3d.recipes.config import TrainConfig
-from prunekit3d.recipes.data import intensity_fingerprint, preprocessing, read_msd, split_cases, training_augmentation
-from prunekit3d.redundant import RedundantModule
-from prunekit3d.redundant.branches import NEGATIVE_SLOPE
+from prunekit3d.recipes.train.config import TrainConfig
+from prunekit3d.recipes.train.data import TrainingData, seed_of
+from prunekit3d.recipes.train.masks import forget_masked_momentum, freeze_masked_branches, reinitialise
 from prunekit3d.report import count_flops, count_params
-from prunekit3d.schedule import ProgressivePruner
+from prunekit3d.schedule import ProgressivePruner, kept_plans
 from prunekit3d.slim import slim
 from prunekit3d.wrap import redundant_modules
 
@@ -93,10 +87,6 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if isinstance(t, MetaTensor) else t
 
 
-def _full_resolution(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-    return output[0] if isinstance(output, (list, tuple)) else output
-
-
 def _deep_supervision_weights(levels: int) -> list[float]:
     """nnU-Net's: 1/2^i per level, the lowest resolution ignored, normalised to sum 1."""
     w = [0.5**i for i in range(levels)]
@@ -107,22 +97,6 @@ def _deep_supervision_weights(levels: int) -> list[float]:
 
 def _flops(model: nn.Module, patch: tuple[int, ...], in_channels: int, device: torch.device) -> int:
     return count_flops(model, torch.zeros(1, in_channels, *patch, device=device))[0]
-
-
-def reinitialise(model: nn.Module) -> None:
-    """PSP-Seg's "re-initialise the pruned architecture": Kaiming convs, fresh norms, light-branch gates 0."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv3d):
-            nn.init.kaiming_normal_(m.weight, a=NEGATIVE_SLOPE)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._NormBase):  # instance and batch norms
-            m.reset_parameters()
-        elif isinstance(m, RedundantModule):
-            with torch.no_grad():
-                m.gates.zero_()
-                if m.has_original:
-                    m.gates[0] = 1.0
 
 
 class Trainer:
@@ -172,8 +146,9 @@ class Trainer:
         if not rt.main:
             self.console = Console(quiet=True)
         self._check_out()
-        self.dataset = read_msd(cfg.data)
-        self.split = split_cases(self.dataset, cfg.split, cfg.seed)
+        self.data = TrainingData(cfg)
+        self.dataset, self.split, self.fingerprint = self.data.dataset, self.data.split, self.data.fingerprint
+        self.train_data, self.val_data = self.data.train, self.data.val
         self.in_channels = len(self.dataset.modalities)
         torch.manual_seed(cfg.seed)
         self.model = psp_seg(cfg.variant, self.in_channels, self.dataset.num_classes, mode=cfg.mode).to(rt.device)
@@ -182,20 +157,13 @@ class Trainer:
         except ValueError as err:
             patch = " ".join(map(str, cfg.patch))
             raise ValueError(f"--patch {patch} does not fit PSP-Seg-{cfg.variant}: {err}") from None
-
-        self.fingerprint = intensity_fingerprint(self.dataset, self.split["train"], seed=cfg.seed)
-        pre = preprocessing(self.dataset, self.fingerprint, cfg.spacing)
-        train_cases = [self.dataset.cases[c] for c in self.split["train"]]
-        augmented = training_augmentation(pre, cfg.patch, cfg.foreground_fraction)
-        self.train_data = CacheDataset(train_cases, augmented, progress=False)
-        self.val_data = CacheDataset([self.dataset.cases[c] for c in self.split["val"]], pre, progress=False)
         levels = len(self.model.decoder.heads)
         self.seg_loss = DeepSupervisionLoss(
             DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
                        smooth_nr=1e-5, smooth_dr=1e-5),
             weights=_deep_supervision_weights(levels),
         )
-        self.mask_value = self._mask_value(pre) if cfg.fd else None
+        self.mask_value = self.data.mask_value() if cfg.fd else None
         self.fd_loss = None
         if cfg.fd:
             stages = [f"encoder.stages.{i}" for i in range(len(self.model.encoder_stages))]
@@ -236,17 +204,6 @@ class Trainer:
                 f"{self.out} already holds a run; pass --resume to continue it or choose another --out"
             )
 
-    def _mask_value(self, pre: Any) -> list[float]:
-        """FD's background value: the 0.5 percentile of the normalised foreground intensities, per channel.
-
-        For CT it follows from the fingerprint (normalisation is monotone and clips exactly there); other
-        channels are z-scored per image, so it is measured on the normalised training cases.
-        """
-        if all(m.upper() == "CT" for m in self.dataset.modalities):
-            return [(f["percentile_00_5"] - f["mean"]) / max(f["std"], 1e-8) for f in self.fingerprint]
-        cases = (pre(self.dataset.cases[c]) for c in self.split["train"])
-        return foreground_percentile(({"image": d["image"], "label": d["label"][0]} for d in cases), q=0.5)
-
     def _new_history(self) -> dict[str, Any]:
         start = self.active_parameters()
         return {
@@ -271,18 +228,11 @@ class Trainer:
 
     # ---- data ------------------------------------------------------------------------------------
     def _seed(self, *parts: int) -> int:
-        return int(np.random.SeedSequence([self.config.seed, *parts]).generate_state(1)[0])
+        return seed_of(self.config.seed, *parts)
 
     def loader(self, epoch: int, stream: int, patches: int) -> DataLoader:
         """Random training patches, seeded by ``(seed, epoch, rank, stream)``: reproducible after a resume."""
-        seed = self._seed(epoch, self.runtime.rank, stream)
-        sampler = torch.utils.data.RandomSampler(
-            self.train_data, replacement=True, num_samples=patches, generator=torch.Generator().manual_seed(seed)
-        )
-        return DataLoader(
-            self.train_data, batch_size=self.config.batch, sampler=sampler, num_workers=self.config.workers,
-            generator=torch.Generator().manual_seed(seed + 1), pin_memory=self.runtime.cuda,
-        )
+        return self.data.loader(self._seed(epoch, self.runtime.rank, stream), patches, pin_memory=self.runtime.cuda)
 
     def calibration_batches(self):
         """The pruner's calibration data: training patches (augmented), seeded by the current epoch."""
@@ -352,19 +302,9 @@ class Trainer:
             case = self.val_data[i]
             image = case["image"]
             spacing = [float(s) for s in image.pixdim]
-            with torch.autocast(rt.device.type, enabled=rt.cuda):
-                logits = sliding_window_inference(
-                    _plain(image)[None].to(rt.device), cfg.patch, cfg.batch,
-                    lambda t: _full_resolution(model(t)), overlap=cfg.sw_overlap, mode="gaussian",
-                )
-            pred = one_hot(logits.argmax(1, keepdim=True).cpu(), len(self.dataset.labels))
-            truth = one_hot(_plain(case["label"])[None].long(), len(self.dataset.labels))
-            tolerance = cfg.nsd_tolerance or max(spacing)
-            thresholds = [tolerance] * len(classes)
-            scores = [
-                compute_dice(pred, truth, include_background=False, ignore_empty=True)[0],
-                compute_surface_dice(pred, truth, thresholds, include_background=False, spacing=spacing)[0],
-            ]
+            logits = sliding_window_logits(model, _plain(image), cfg.patch, overlap=cfg.sw_overlap, mode="gaussian",
+                                           batch=cfg.batch, autocast=rt.cuda)
+            scores = dice_and_nsd(logits, _plain(case["label"])[0], spacing, cfg.nsd_tolerance or max(spacing))
             for m, s in enumerate(scores):
                 s = s.double()
                 sums[m, 0] += torch.nan_to_num(s, nan=0.0)
@@ -388,7 +328,7 @@ class Trainer:
             self.history["events"].append(decision.to_dict())
             if decision.structure_changed:
                 self.structure_changed()
-                self.forget_masked_momentum()
+                forget_masked_momentum(self.model, self.optimizer)
         if self.config.after_pruning == "reinit" and self.pruner.stopped and not self.reinitialised:
             self.reinitialise(epoch)
         entry = {
@@ -421,22 +361,12 @@ class Trainer:
         they are frozen and DDP is rebuilt around the parameters in use. The optimizer stays: it skips
         parameters without gradient and keeps the momentum of the others.
         """
-        for _, m in redundant_modules(self.model):
-            for k, branch in enumerate(m.branches):
-                branch.requires_grad_(bool(m.active[k]))
-            m.gates.requires_grad_(bool(m.active.any()))
+        freeze_masked_branches(self.model)
         if self.runtime.world > 1:
             ids = [self.runtime.device.index] if self.runtime.cuda else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         else:
             self.net = self.model
-
-    def forget_masked_momentum(self) -> None:
-        """A masked branch's gate gets zero gradient from now on: drop its momentum so that it stays put."""
-        for _, m in redundant_modules(self.model):
-            momentum = self.optimizer.state.get(m.gates, {}).get("momentum_buffer")
-            if momentum is not None:
-                momentum[~m.active] = 0
 
     def reinitialise(self, epoch: int) -> None:
         """Pruning is over: re-initialise the pruned architecture and train it from scratch (fresh optimizer,
@@ -490,16 +420,6 @@ class Trainer:
         self.start_epoch = int(state["epoch"]) + 1
         self.console.print(f"resumed from {self.out / 'checkpoint'} after epoch {state['epoch']}")
 
-    def kept_plans(self) -> list[dict[str, Any]]:
-        """The plans of the pruning events that stayed (not undone by a restore or the final stop)."""
-        kept: list[dict[str, Any]] = []
-        for event in self.history["events"]:
-            if event["kind"] == "prune":
-                kept.append(event["plan"])
-            elif event["kind"] in ("restore", "stop") and event.get("plan") is not None and event["structure_changed"]:
-                kept.pop()
-        return kept
-
     def finish(self) -> TrainResult:
         """Save the slim model and write ``report.json`` (rank 0); every process returns the result."""
         cfg, rt = self.config, self.runtime
@@ -507,7 +427,7 @@ class Trainer:
         if rt.main:
             extra = {"patch": list(cfg.patch), "spacing": cfg.spacing, "labels": self.dataset.labels,
                      "modalities": self.dataset.modalities, "fingerprint": self.fingerprint}
-            save(self.model, self.out / "model", plans=self.kept_plans(), extra=extra, overwrite=True)
+            save(self.model, self.out / "model", plans=kept_plans(self.history["events"]), extra=extra, overwrite=True)
             slim_model = load(self.out / "model", map_location=rt.device)
             epochs, events = self.history["epochs"], self.history["events"]
             first_prune = next((e["epoch"] for e in events if e["kind"] == "prune"), cfg.epochs)

@@ -1,0 +1,157 @@
+"""Stage 3 of ``compress``: channel pruning toward the budget in rounds, each followed by distillation::
+
+    DIR.partial/blocks --prune channels (prunekit3d.channels), an equal factor of the way per round--> pruned-<r>
+                       --end-to-end distillation--> round-<r>          (without anything to prune: one round)
+
+Pruning a little at a time and letting the network recover in between keeps far more of the original's
+function than one cut to the budget. The budget (``target_params`` / ``target_flops``) is a fraction of the
+ORIGINAL network's count.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit3d.channels import prune_channels
+from prunekit3d.channels.prune import MAX_RATIO
+from prunekit3d.io import load, save
+from prunekit3d.recipes.compress.distill import distill_step
+from prunekit3d.recipes.compress.run import CompressRun, Unreachable
+
+__all__ = ["channel_pruning", "check_reachable", "prune_round"]
+
+
+def check_reachable(run: CompressRun) -> None:
+    """Fail now, not after training, if the budget is below what removing ``MAX_RATIO`` of the channels gives."""
+    budget = run.cfg.budget
+    if budget is None:
+        return
+    kind, ratio = budget
+    floor = copy.deepcopy(run.teacher).cpu().requires_grad_(True)  # torch-pruning leaves frozen layers alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_channels(floor, run.example, ratio=MAX_RATIO)
+    reached = run.count(floor, kind) / run.reference(kind)
+    if reached > ratio:
+        raise ValueError(
+            f"the budget --target-{kind} {ratio:g} is unreachable: even removing {MAX_RATIO:.0%} of every layer's "
+            f"channels keeps {reached:.3f} of the original {kind}; raise the budget"
+        )
+
+
+def channel_pruning(run: CompressRun) -> nn.Module:
+    """Phase 3: channel pruning in rounds toward the budget, each round followed by end-to-end distillation.
+
+    Pruning a little at a time and letting the network recover in between keeps far more of the original's
+    function than one cut to the budget. With nothing to prune, one round of distillation alone. Each round
+    writes ``pruned-<r>`` (right after pruning) and ``round-<r>`` (distilled) into the partial directory.
+    """
+    cfg = run.cfg
+    started = time.perf_counter()
+    rounds = run.state.setdefault("channel_rounds", [])
+    model = load(run.partial / (f"round-{len(rounds) - 1}" if rounds else "blocks")).to(run.device)
+    if not rounds:
+        run.state["rounds"] = cfg.channel_rounds if _needs_channels(run, model) else 1
+        run.save_state()
+    total = run.state["rounds"]
+    epochs = math.ceil(cfg.finetune_epochs / total)
+    for r in range(len(rounds), total):
+        pruned = run.partial / f"pruned-{r}"
+        if pruned.is_dir():
+            model = load(pruned).to(run.device)
+        else:
+            run.state["pruned"] = None
+            if _needs_channels(run, model):
+                model, run.state["pruned"] = prune_round(run, model, r, total)
+            save(model, pruned, spec=run.spec, overwrite=True)
+            run.save_state()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        title = f"3/3 channel round {r + 1}/{total} + distillation" if total > 1 else "3/3 distillation"
+        run.train(f"round-{r}", title, model, optimizer, epochs,
+                   lambda images, labels: distill_step(run.teacher, model, images, optimizer, labels=labels))
+        save(model, run.partial / f"round-{r}", spec=run.spec, overwrite=True)
+        rounds.append(run.state.pop("pruned", None))
+        run.save_state()
+    _check_budget_met(run, model)
+    run.done("channels", started)
+    return model
+
+
+def _needs_channels(run: CompressRun, model: nn.Module) -> bool:
+    budget = run.cfg.budget
+    if run.cfg.channels is not None:
+        return True
+    return budget is not None and run.count(model, budget[0]) > budget[1] * run.reference(budget[0])
+
+
+def prune_round(run: CompressRun, model: nn.Module, r: int, total: int) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` pruned by round ``r``'s share: an equal factor of the way to the budget per round."""
+    cfg, budget = run.cfg, run.cfg.budget
+    model = model.cpu()
+    if cfg.channels is not None:
+        plan = prune_channels(model, run.example, ratio=1 - (1 - cfg.channels) ** (1 / total))
+    else:
+        assert budget is not None
+        kind, ratio = budget
+        now = run.count(model, kind)
+        model, plan = _prune_to(run, model, kind, now * (ratio * run.reference(kind) / now) ** (1 / (total - r)))
+    info = {"round": r, "ratio": plan.ratio, "params_before": plan.params_before, "params_after": plan.params_after,
+            "widths": plan.widths}
+    return model.to(run.device), info
+
+
+def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float) -> tuple[nn.Module, Any]:
+    """``model`` (a copy) with the least channel pruning -- one ratio for every group of coupled layers -- that
+    brings its parameters or fvcore FLOPs to ``target``: bisection on the ratio, each try on a copy."""
+    def attempt(r: float) -> tuple[nn.Module, Any, float]:
+        trial = copy.deepcopy(model)
+        plan = prune_channels(trial, run.example, ratio=r)
+        return trial, plan, run.count(trial, kind)
+
+    now = run.count(model, kind)
+    lo, hi = 0.0, MAX_RATIO
+    r = min(MAX_RATIO, max(0.01, 1 - math.sqrt(target / now)))  # convolutions: cost ~ width^2
+    found = None
+    for _ in range(8):
+        trial, plan, value = attempt(r)
+        if value <= target:
+            found, hi = (trial, plan), r
+            if value >= 0.97 * target:  # close enough: prune no more than needed
+                break
+        else:
+            lo = r
+        r = (lo + hi) / 2
+    if found is None:
+        trial, plan, value = attempt(MAX_RATIO)
+        if value > target:
+            asked = run.cfg.budget[1] if run.cfg.budget else target / run.reference(kind)
+            raise Unreachable(
+                f"the budget --target-{kind} {asked:g} is unreachable: removing "
+                f"{MAX_RATIO:.0%} of the channels leaves {value / run.reference(kind):.3f} of the original "
+                f"{kind}; raise the budget"
+            )
+        found = (trial, plan)
+    return found
+
+
+def _check_budget_met(run: CompressRun, model: nn.Module) -> None:
+    budget = run.cfg.budget
+    if budget is None:
+        return
+    kind, ratio = budget
+    reached = run.count(model, kind) / run.reference(kind)
+    if reached > ratio:
+        raise Unreachable(
+            f"the budget --target-{kind} {ratio:g} is unreachable: after block pruning and "
+            f"{run.state['rounds']} round(s) of channel pruning the network keeps {reached:.3f} of the original "
+            f"{kind}; raise the budget"
+        )
+
+# ---- report -------------------------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""The settings of one compression run: what ``prunekit3d compress`` parses its flags into.
+
+>>> cfg = CompressConfig(checkpoint="dynunet.pt", out="small", calib="images/", target_params=0.5)
+>>> CompressConfig.from_dict(cfg.to_dict()) == cfg
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from prunekit3d.data.preprocessing import NORMALISATIONS
+
+__all__ = ["CompressConfig"]
+
+
+@dataclass
+class CompressConfig:
+    """Everything that defines one compression run (what ``prunekit3d compress`` parses its flags into).
+
+    Input:
+        checkpoint: a prunekit3d artifact directory or a state dict (``.pt``/``.pth``/``.safetensors``).
+        model, model_kwargs: the network class by import path and its keyword arguments (for a state dict), or
+        spec: a JSON file ``{"import_path": ..., "kwargs": ...}`` / ``{"name": ...}``.
+        calib: calibration images: a NIfTI file, a folder of them, or an MSD data set folder.
+        labels: labels of the calibration images (a supervised loss is added to the distillation).
+        normalize: "zscore" (per image and channel) or "none" (fed as stored).
+        out: the output directory.
+        overwrite: replace a non-empty ``out``.
+
+    Budget (a fraction of the original network's count; at most one of the two):
+        target_params, target_flops: keep at most this fraction of the parameters / FLOPs.
+        channels: remove this fraction of the channels of every layer group (forces channel pruning).
+
+    Schedule (epochs of ``iters_per_epoch`` steps on ``batch`` random patches of size ``patch``):
+        blockwise_epochs: block-wise distillation of the light branches.
+        epochs: end-to-end distillation with progressive pruning of light branches.
+        finetune_epochs: end-to-end distillation of the slim network, shared by the channel-pruning rounds.
+        channel_rounds: channel pruning is spread over this many rounds (when channels must go at all).
+        lr: Adam learning rate (constant). calib_patches: fixed patches the pruner calibrates on.
+        branches, exp_ratio: light branches per block (7, 4 or 1) and their width.
+        max_block_error: an original block is replaced only if its stand-in error is at most this
+            (1 = no better than dropping the block). Low by default: on a trained network a replaced block
+            costs agreement, and four light branches run no faster than one 3x3x3 convolution on a CPU.
+        patience, tolerance, step: the progressive pruner's (see :class:`~prunekit3d.schedule.ProgressivePruner`).
+
+    Run:
+        device: "auto" (CUDA if available), "cpu", "cuda", "cuda:N". seed: seeds every random draw.
+    """
+
+    checkpoint: str
+    out: str
+    calib: str
+    model: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    spec: str | None = None
+    labels: str | None = None
+    normalize: str = "zscore"
+    target_params: float | None = None
+    target_flops: float | None = None
+    channels: float | None = None
+    patch: tuple[int, int, int] = (64, 64, 64)
+    batch: int = 2
+    blockwise_epochs: int = 4
+    epochs: int = 4
+    finetune_epochs: int = 24
+    channel_rounds: int = 3
+    iters_per_epoch: int = 10
+    lr: float = 5e-3
+    calib_patches: int = 8
+    branches: int = 4
+    exp_ratio: float = 0.5
+    max_block_error: float = 0.02
+    patience: int = 1
+    tolerance: float = 0.01
+    step: int = 1
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.checkpoint, self.out, self.calib = str(self.checkpoint), str(self.out), str(self.calib)
+        for name in ("spec", "labels"):
+            value = getattr(self, name)
+            setattr(self, name, None if value is None else str(value))
+        values = [self.patch] if isinstance(self.patch, int) else list(self.patch)
+        self.patch = tuple(int(v) for v in (values * 3 if len(values) == 1 else values))  # type: ignore[assignment]
+        rules = {
+            "at most one of target_params and target_flops": self.target_params is None or self.target_flops is None,
+            "0 < target_params <= 1": self.target_params is None or 0 < self.target_params <= 1,
+            "0 < target_flops <= 1": self.target_flops is None or 0 < self.target_flops <= 1,
+            "0 < channels < 1 (the fraction of channels removed)": self.channels is None or 0 < self.channels < 1,
+            "patch: 3 sizes >= 1": len(self.patch) == 3 and min(self.patch) >= 1,
+            f"normalize in {list(NORMALISATIONS)}": self.normalize in NORMALISATIONS,
+            "batch >= 1": self.batch >= 1,
+            "epochs, blockwise_epochs, finetune_epochs >= 0":
+                min(self.epochs, self.blockwise_epochs, self.finetune_epochs) >= 0,
+            "iters_per_epoch >= 1": self.iters_per_epoch >= 1,
+            "calib_patches >= 1, channel_rounds >= 1": self.calib_patches >= 1 and self.channel_rounds >= 1,
+            "lr > 0": self.lr > 0,
+            "max_block_error >= 0": self.max_block_error >= 0,
+            "patience >= 1, step >= 1, tolerance >= 0": self.patience >= 1 and self.step >= 1 and self.tolerance >= 0,
+        }
+        broken = [rule for rule, ok in rules.items() if not ok]
+        if broken:
+            raise ValueError(f"invalid compress settings: needs {'; '.join(broken)}")
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """``("params" | "flops", fraction)`` or ``None``."""
+        if self.target_params is not None:
+            return "params", float(self.target_params)
+        if self.target_flops is not None:
+            return "flops", float(self.target_flops)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["patch"] = list(self.patch)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown compress settings {unknown}; known: {sorted(known)}")
+        return cls(**data)

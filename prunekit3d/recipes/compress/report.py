@@ -1,0 +1,152 @@
+"""The report of ``compress``: what the compressed network costs and keeps, measured against the original.
+
+``report.json`` holds parameters, FLOPs, latency (original and compressed timed in alternation), memory,
+agreement Dice with the original, Dice against labels if given, the budget and the plan (blocks replaced,
+branches pruned, channel rounds); ``report.md`` says the same in a table and words.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from torch import nn
+
+from prunekit3d.evaluate import agreement_dice, label_dice
+from prunekit3d.io import save
+from prunekit3d.io.files import atomic_directory
+from prunekit3d.recipes.compress.run import CompressRun
+from prunekit3d.report import ModelReport, comparison_rows, comparison_table, measure, paired_latency
+
+__all__ = ["CompressResult", "markdown_report", "measure_result", "write_result"]
+
+
+@dataclass
+class CompressResult:
+    """What a run wrote: the output directory, its report (as in ``report.json``) and the compressed network."""
+
+    out: Path
+    report: dict[str, Any]
+    model: nn.Module = field(repr=False)
+
+    def table(self, extra: Sequence[tuple[str, str, str]] = (), title: str | None = None) -> Table:
+        """The before / after table: costs, agreement Dice, Dice vs labels (if measured), plus ``extra`` rows."""
+        r = self.report
+        rows = [("agreement Dice with the original", "1.000", f"{r['agreement_dice']:.3f}")]
+        if "dice_vs_labels_before" in r:
+            rows.append(("Dice vs labels", f"{r['dice_vs_labels_before']:.3f}", f"{r['dice_vs_labels_after']:.3f}"))
+        budget = r.get("budget")
+        if title is None:
+            title = f"prunekit3d compress -> {self.out}"
+            if budget:
+                title += f" (budget: {budget['asked']:g} of the {budget['kind']}, reached {budget['reached']:.3f})"
+        before, after = ModelReport.from_dict(r["before"]), ModelReport.from_dict(r["after"])
+        return comparison_table(before, after, [*rows, *extra], title=title)
+
+
+def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], ModelReport, ModelReport]:
+    """``report.json``'s content: costs before / after (latency paired), agreement, the budget and the plan."""
+    size = [1, run.in_channels, *run.patch]
+    with run.progress() as bar:
+        task = bar.add_task("measuring before / after", total=3, info="")
+        before = measure(run.teacher, size, name="original", device=run.device, warmup=1, repeats=3)
+        bar.update(task, advance=1)
+        after = measure(model, size, name="compressed", device=run.device, warmup=1, repeats=3)
+        # The latencies compared: timed in alternation, so that the machine's load drifts out of the ratio.
+        latency = paired_latency([run.teacher, model], size, warmup=1, repeats=7)
+        before, after = (replace(r, latency_ms=ms) for r, ms in zip((before, after), latency))
+        bar.update(task, advance=1)
+        agreement = agreement_dice(run.teacher, model, run.images, run.patch)
+        bar.update(task, advance=1)
+    budget = run.cfg.budget
+    report: dict[str, Any] = {
+        "params_before": before.params,
+        "params_after": after.params,
+        "flops_before": before.flops,
+        "flops_after": after.flops,
+        "latency_ms_before": before.latency_ms,
+        "latency_ms_after": after.latency_ms,
+        "agreement_dice": agreement,
+    }
+    if run.labels is not None:
+        report["dice_vs_labels_before"] = label_dice(run.teacher, run.images, run.labels, run.patch)
+        report["dice_vs_labels_after"] = label_dice(model, run.images, run.labels, run.patch)
+    if budget is not None:
+        kind, ratio = budget
+        reached = report[f"{kind}_after"] / report[f"{kind}_before"]
+        report["budget"] = {"kind": kind, "asked": ratio, "reached": reached, "met": reached <= ratio}
+    else:
+        report["budget"] = None
+    report["plan"] = {
+        "wrapped_blocks": list(run.state.get("stand_in_errors", {})),
+        "stand_in_errors": run.state.get("stand_in_errors", {}),
+        "replaced_originals": run.state.get("replaced", []),
+        "active_branches": run.state.get("active_branches", {}),
+        "pruning_events": [
+            {k: h[k] for k in ("kind", "epoch", "branches", "reason")} for h in run.state.get("pruner", [])
+        ],
+        "light_branches_pruned": sum(
+            run.cfg.branches - len(run.state["active_branches"].get(n, []))
+            for n in run.state.get("replaced", [])
+        ),
+        "channel_rounds": [r for r in run.state.get("channel_rounds", []) if r],
+    }
+    report["before"], report["after"] = before.to_dict(), after.to_dict()
+    report["calibration"] = {
+        "images": len(run.images), "patch": list(run.patch), "normalize": run.cfg.normalize
+    }
+    report["timings_s"] = run.state["timings"]
+    report["config"] = run.cfg.to_dict()
+    return report, before, after
+
+
+def write_result(
+    run: CompressRun, model: nn.Module, report: dict[str, Any], before: ModelReport, after: ModelReport
+) -> None:
+    """``DIR``: the artifact, ``report.json`` and ``report.md``, written beside it and renamed into place."""
+    plans = [p for h in run.state.get("pruner", []) if h.get("kind") == "prune" for p in [h.get("plan")] if p]
+    extra = {"compress": {k: report[k] for k in ("params_before", "params_after", "agreement_dice", "budget")},
+             "patch_size": list(run.patch), "normalize": run.cfg.normalize}
+    with atomic_directory(run.out, overwrite=run.cfg.overwrite) as tmp:
+        save(model, tmp, spec=run.spec, plans=plans, extra=extra)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        (tmp / "report.md").write_text(markdown_report(report, before, after), encoding="utf-8")
+
+
+def markdown_report(report: dict[str, Any], before: ModelReport, after: ModelReport) -> str:
+    """``report.md``: the before / after table, the budget and the plan in words."""
+    lines = ["# prunekit3d compress", "", "| quantity | original | compressed | compressed / original |",
+             "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {b} | {a} | {ratio} |" for name, b, a, ratio in comparison_rows(before, after)]
+    lines.append(f"| agreement Dice with the original | 1.000 | {report['agreement_dice']:.3f} | |")
+    if "dice_vs_labels_before" in report:
+        lines.append(
+            f"| Dice vs labels | {report['dice_vs_labels_before']:.3f} | {report['dice_vs_labels_after']:.3f} | |"
+        )
+    threads = f"{before.threads} thread{'s' if before.threads != 1 else ''}"
+    size = "x".join(map(str, before.input_size))
+    lines += ["", f"Input {size} on {before.device} ({threads}); memory: {before.memory_method}.", ""]
+    budget = report.get("budget")
+    if budget:
+        lines.append(f"Budget: keep at most {budget['asked']:g} of the {budget['kind']}; reached "
+                     f"{budget['reached']:.3f} ({'met' if budget['met'] else 'NOT met'}).")
+    plan = report["plan"]
+    rounds = plan["channel_rounds"]
+    lines += [
+        "",
+        f"Plan: {len(plan['replaced_originals'])} of {len(plan['wrapped_blocks'])} wrapped blocks replaced by their "
+        f"light branches, {plan['light_branches_pruned']} light branch(es) of those pruned for good; "
+        + (f"{len(rounds)} round(s) of channel pruning, {rounds[0]['params_before']:,} -> "
+           f"{rounds[-1]['params_after']:,} parameters." if rounds else "no channel pruning."),
+        "",
+        "| block | stand-in error | replaced | active branches |",
+        "| --- | ---: | :---: | --- |",
+    ]
+    for name, err in plan["stand_in_errors"].items():
+        replaced = "yes" if name in plan["replaced_originals"] else "no"
+        lines.append(f"| {name} | {err:.3f} | {replaced} | {plan['active_branches'].get(name, [])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,243 @@
+"""One compression run's shared state: settings, inputs, the resume state in ``DIR.partial``, and the
+services every stage uses (progress bars, seeded random patches, checkpoints, the training loop, counting).
+
+The stages themselves live in :mod:`~prunekit3d.recipes.compress.blocks` (1 and 2),
+:mod:`~prunekit3d.recipes.compress.channels` (3) and :mod:`~prunekit3d.recipes.compress.report`.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from prunekit3d.data import PatchSampler, normalise_volume, read_labels, read_volumes
+from prunekit3d.evaluate import output_logits
+from prunekit3d.io.errors import first_line
+from prunekit3d.io.files import write_json
+from prunekit3d.recipes.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
+from prunekit3d.recipes.compress.config import CompressConfig
+from prunekit3d.recipes.distributed import resolve_device
+from prunekit3d.redundant import RedundantModule
+from prunekit3d.report import count_flops, count_params
+from prunekit3d.schedule import ProgressivePruner
+from prunekit3d.sources import build_model, first_conv, model_spec
+from prunekit3d.wrap import redundant_modules
+
+__all__ = ["RUN_FORMAT", "CompressRun", "Unreachable", "partial_dir"]
+
+#: Marks the resume state (``DIR.partial/state.json``) of this version of the pipeline.
+RUN_FORMAT = "prunekit3d.compress-run/1"
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where an unfinished run keeps its resume state: the sibling ``<out>.partial``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+class Unreachable(ValueError):
+    """The budget cannot be met (found only after training: the partial run is removed)."""
+
+
+class CompressRun:
+    """One compression run: its settings, inputs and resume state, and the services its stages share
+    (progress bars, seeded patches, checkpoints, the training loop, counting)."""
+
+    def __init__(self, config: CompressConfig, resume: bool, console: Console) -> None:
+        self.cfg = config
+        self.console = console
+        self.out = Path(config.out)
+        self.partial = partial_dir(self.out)
+        self.resume = resume
+        self.device = resolve_device(config.device)
+        self.state: dict[str, Any] = {"format": RUN_FORMAT, "config": self._settings(), "completed": [],
+                                      "timings": {}}
+
+    def _settings(self) -> dict[str, Any]:
+        """The settings that must match for ``--resume`` (not where it runs or whether it may overwrite)."""
+        data = self.cfg.to_dict()
+        for key in ("device", "overwrite"):
+            data.pop(key)
+        return data
+
+    # ---- checks before anything is written -------------------------------------------------------------
+    def check_out(self) -> None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"--out {out} is a file; pass a directory path")
+        if out.is_dir() and any(out.iterdir()) and not self.cfg.overwrite:
+            raise FileExistsError(
+                f"--out {out} exists and is not empty; pass --overwrite to replace it, or another --out"
+            )
+        if self.resume and not (self.partial / "state.json").is_file():
+            raise FileNotFoundError(f"nothing to resume: {self.partial} holds no interrupted run; run without --resume")
+        if not self.resume and self.partial.exists():
+            raise FileExistsError(f"{self.partial} holds an interrupted run: pass --resume to continue it, or delete "
+                                  "it to start over")
+        for given in (self.cfg.checkpoint, self.cfg.calib, self.cfg.labels):
+            if given is not None and Path(given).resolve() in (out.resolve(), self.partial.resolve()):
+                raise ValueError(f"--out {out} is an input of this run; write the result somewhere else")
+
+    def load_inputs(self) -> None:
+        cfg = self.cfg
+        spec = model_spec(cfg.model, cfg.model_kwargs, cfg.spec)
+        self.teacher, self.spec = build_model(cfg.checkpoint, spec)
+        self.teacher.requires_grad_(False)
+        volumes = read_volumes(cfg.calib)
+        if cfg.labels is not None:
+            read_labels(cfg.labels, volumes)
+        name, conv = first_conv(self.teacher)
+        channels = {v.image.shape[0] for v in volumes}
+        if channels != {conv.in_channels}:
+            raise ValueError(
+                f"the calibration images have {sorted(channels)} channel(s) but the network takes {conv.in_channels} "
+                f"(its first convolution {name!r}); pass images with {conv.in_channels} channel(s)"
+            )
+        self.in_channels = conv.in_channels
+        self.images = [normalise_volume(v, cfg.normalize) for v in volumes]
+        self.labels = [torch.from_numpy(v.label) for v in volumes] if cfg.labels is not None else None
+        self.patch = self._fit_patch(cfg.patch)
+        self.sampler = PatchSampler(self.images, self.labels, self.patch)
+        self.example = torch.zeros(1, self.in_channels, *self.patch)
+        self.teacher.to(self.device)
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.calib_batches = [
+            self.sampler.sample(min(cfg.batch, cfg.calib_patches - i), generator)[0].to(self.device)
+            for i in range(0, cfg.calib_patches, cfg.batch)
+        ]
+
+    def _runs(self, patch: Sequence[int]) -> Exception | None:
+        """``None`` if the teacher runs on a patch of this size, else the error."""
+        try:
+            with torch.no_grad():
+                output_logits(self.teacher(torch.zeros(1, self.in_channels, *patch)))
+        except Exception as err:  # any failure here means the patch does not fit the network
+            return err
+        return None
+
+    def _fit_patch(self, patch: Sequence[int]) -> tuple[int, ...]:
+        """``patch``, each side cut down to the smallest image's extent rounded up to a multiple of 16 if the
+        network runs on that (a patch larger than every image only adds padding to compute)."""
+        smallest = np.min([x.shape[1:] for x in self.images], axis=0)
+        fitted = tuple(int(min(p, -(-e // 16) * 16)) for p, e in zip(patch, smallest))
+        if fitted != tuple(patch) and self._runs(fitted) is None:
+            self.console.print(f"patch {list(patch)} -> {list(fitted)}: no calibration image is larger")
+            return fitted
+        err = self._runs(patch)
+        if err is not None:
+            raise ValueError(
+                f"the network cannot run on a patch of {list(patch)} ({first_line(err)}); choose a --patch whose sides "
+                "the network's total stride divides (e.g. 64 or 96)"
+            )
+        return tuple(patch)
+
+    def measure_original(self) -> None:
+        self.params_before = count_params(self.teacher)
+        self.flops_before = count_flops(self.teacher.cpu(), self.example)[0]
+        self.teacher.to(self.device)
+
+    # ---- progress, seeds, checkpoints ------------------------------------------------------------------
+    def progress(self) -> Progress:
+        return Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), console=self.console, disable=self.console.quiet,
+        )
+
+    def generator(self, phase: int, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + phase * 10_007 + epoch)
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images, labels = self.sampler.sample(self.cfg.batch, generator)
+        return images.to(self.device), (labels.to(self.device) if labels is not None else None)
+
+    def save_state(self) -> None:
+        write_json(self.partial / "state.json", self.state)
+
+    def checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
+        save_checkpoint(self.partial / "student", model, optimizer, progress)
+
+    def load_latest(self, student: nn.Module) -> None:
+        """On resume, the weights (and masks) of an interrupted stand-in or blocks phase."""
+        if self.resume and checkpoint_state(self.partial / "student") is not None:
+            load_checkpoint(self.partial / "student", student, None, self.device)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, phase: str) -> dict[str, Any] | None:
+        """The saved progress of ``phase`` (loaded into ``model`` and ``optimizer``), or ``None``."""
+        saved = checkpoint_state(self.partial / "student") if self.resume else None
+        if saved is None or saved.get("phase") != phase:
+            return None
+        return load_checkpoint(self.partial / "student", model, optimizer, self.device)
+
+    def done(self, phase: str, started: float) -> None:
+        self.state["completed"].append(phase)
+        self.state["timings"][phase] = round(time.perf_counter() - started + self.state["timings"].get(phase, 0.0), 1)
+        self.save_state()
+
+    # ---- phases ----------------------------------------------------------------------------------------
+    def wrapped_modules(self, student: nn.Module) -> dict[str, RedundantModule]:
+        return {n: m for n, m in redundant_modules(student) if m.has_original}
+
+    def train(
+        self,
+        phase: str,
+        title: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epochs: int,
+        step: Callable[[torch.Tensor, torch.Tensor | None], float],
+        pruner: ProgressivePruner | None = None,
+    ) -> None:
+        """``epochs`` epochs of ``step(images, labels) -> loss`` on random patches, checkpointed after every epoch
+        and continued from the last checkpoint on resume. The learning rate stays constant: these schedules
+        are short, and a decaying rate leaves the network less recovered at the end."""
+        saved = self.restore(model, optimizer, phase)
+        if saved and pruner is not None:
+            pruner.load_state_dict(saved["pruner"])
+        first = saved["epoch"] + 1 if saved else 0
+        iters = self.cfg.iters_per_epoch
+        model.eval()  # see prunekit3d.recipes.compress.distill: the student learns the function inference computes
+        with self.progress() as bar:
+            task = bar.add_task(title, total=epochs * iters, completed=first * iters, info="")
+            for epoch in range(first, epochs):
+                generator = self.generator(zlib.crc32(phase.encode()), epoch)
+                losses = []
+                for _ in range(iters):
+                    losses.append(step(*self.batch(generator)))
+                    bar.update(task, advance=1, info=f"loss {losses[-1]:.4f}")
+                progress: dict[str, Any] = {"phase": phase, "epoch": epoch}
+                if pruner is not None:
+                    # PSP-Seg's rule on the epoch's mean training loss: prune once it sets no new minimum.
+                    decision = pruner.on_epoch_end(epoch, {"distill": float(np.mean(losses))})
+                    if decision is not None and decision.branches:
+                        n = sum(len(v) for v in decision.branches.values())
+                        bar.console.print(f"epoch {epoch}: {decision.kind}: {n} light branches ({decision.reason})")
+                    progress["pruner"] = pruner.state_dict()
+                self.checkpoint(model, optimizer, progress)
+        self.drop_graph(model)
+
+    def drop_graph(self, model: nn.Module) -> None:
+        """One forward without autograd. Networks that keep intermediate outputs as attributes (MONAI DynUNet's
+        deep-supervision heads) otherwise still hold tensors of the last training step's graph, which deepcopy
+        (slim, save) refuses."""
+        ref = next(model.parameters())
+        with torch.no_grad():
+            model(self.example.to(ref.device))
+
+    def count(self, model: nn.Module, kind: str) -> float:
+        """Parameters, or fvcore FLOPs on one patch, of ``model``."""
+        model = model.cpu()
+        value = count_params(model) if kind == "params" else count_flops(model, self.example)[0]
+        model.to(self.device)
+        return value
+
+    def reference(self, kind: str) -> float:
+        return self.params_before if kind == "params" else self.flops_before

@@ -1,0 +1,9 @@
+"""Sources: where a trained network comes from, read safely (never unpickling code).
+
+- :mod:`~prunekit3d.sources.state_dict`: a prunekit3d artifact, or a state dict (``.pt``/``.pth``/
+  ``.safetensors``) plus the network's spec.
+"""
+
+from prunekit3d.sources.state_dict import build_model, check_3d, first_conv, fit_weights, model_spec, read_state_dict
+
+__all__ = ["build_model", "check_3d", "first_conv", "fit_weights", "model_spec", "read_state_dict"]
