@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-__all__ = ["BASELINE", "BASELINE_SPEC", "DemoResult", "baseline", "run_demo", "train_baseline"]
+__all__ = ["BASELINE", "BASELINE_SPEC", "DemoResult", "baseline", "fit_supervised", "run_demo", "train_baseline"]
 
 #: The demo's baseline: a small MONAI DynUNet for the sample's 4 classes (background, liver, kidneys, spleen).
 BASELINE_SPEC: dict[str, Any] = {
@@ -56,39 +57,58 @@ def _sample_volume() -> tuple[torch.Tensor, torch.Tensor]:
     return normalise_volume(volumes[0], "zscore"), torch.from_numpy(volumes[0].label)
 
 
-def train_baseline(
-    iterations: int = 150, *, seed: int = 0, spec: dict[str, Any] | None = None, console: Console | None = None
+def fit_supervised(
+    model: nn.Module,
+    images: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    patch: Sequence[int],
+    iterations: int,
+    *,
+    seed: int = 0,
+    lr: float = 3e-3,
+    console: Console | None = None,
+    title: str = "training",
 ) -> nn.Module:
-    """Train the demo baseline (or the network of ``spec``) on the sample CT: Dice + cross-entropy, Adam,
-    random 64x64x32 patches."""
-    from prunekit3d.io import from_spec
+    """Train ``model`` in place on random patches of ``images`` (``(C, X, Y, Z)``, normalised) and their labels:
+    Dice + cross-entropy, Adam with poly decay, 2 patches a step. Returns it in eval mode."""
     from prunekit3d.data import PatchSampler
     from prunekit3d.recipes.compress.distill import supervised_loss
 
     console = console or Console()
-    torch.manual_seed(seed)
-    model = from_spec(spec or BASELINE_SPEC)
-    image, label = _sample_volume()
-    sampler = PatchSampler([image], [label], PATCH)
+    sampler = PatchSampler(images, labels, patch)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=iterations, power=0.9)
     model.train()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console, disable=console.quiet) as bar:
-        task = bar.add_task("training the baseline", total=iterations, info="")
+        task = bar.add_task(title, total=iterations, info="")
         for _ in range(iterations):
-            images, labels = sampler.sample(2, generator)
+            batch, target = sampler.sample(2, generator)
             optimizer.zero_grad(set_to_none=True)
-            out = model(images)
+            out = model(batch)
             out = out[:, 0] if out.dim() == 6 else out  # deep supervision stacks its heads in dim 1
-            loss = supervised_loss(out, labels)
+            loss = supervised_loss(out, target)
             loss.backward()
             optimizer.step()
             schedule.step()
             bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
     return model.eval()
+
+
+def train_baseline(
+    iterations: int = 150, *, seed: int = 0, spec: dict[str, Any] | None = None, console: Console | None = None
+) -> nn.Module:
+    """Train the demo baseline (or the network of ``spec``) on the sample CT, z-scored (:func:`fit_supervised`,
+    random 64x64x32 patches)."""
+    from prunekit3d.io import from_spec
+
+    torch.manual_seed(seed)
+    model = from_spec(spec or BASELINE_SPEC)
+    image, label = _sample_volume()
+    return fit_supervised(model, [image], [label], PATCH, iterations, seed=seed, console=console,
+                          title="training the baseline")
 
 
 def baseline(console: Console | None = None) -> tuple[nn.Module, str]:

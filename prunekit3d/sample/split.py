@@ -1,0 +1,104 @@
+"""The bundled CT split for held-out evaluation: a part to train and calibrate on, a part never seen.
+
+The labeled CT (``imagesTr/ct_abdomen.nii.gz``, 30 slices) is slices 82-111 of the full 112-slice scan
+(``unlabeled/ct_abdomen_full.nii.gz``, no labels). Along z (the scan's slice axis)::
+
+    full CT slices   0 ............ 81 | 82 ..... 91 | 92 ........... 111
+                     unlabeled          | EVALUATION  | TRAINING (labeled)
+    labeled slices                      |  0 ...... 9 | 10 ............ 29
+
+- ``train``: labeled slices 10-29 (liver, kidneys, spleen) -- baselines are trained on them;
+- ``calibration``: unlabeled images for label-free compression: the training slab and full-CT slices 0-81;
+- ``evaluation``: labeled slices 0-9 (all three organs), never part of training, calibration or distillation.
+
+Every part is written as its own NIfTI file (labels in a ``labels/`` folder beside it, named like the
+image) with the affine of its first slice, so predictions land on the scan's grid. Intensities stay in Hounsfield units; preprocessing is the user's choice.
+
+>>> split = heldout_split("work/split")
+>>> split.evaluation.image.name
+'evaluation.nii.gz'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from prunekit3d.sample import sample_dataset
+
+__all__ = ["EVALUATION_SLICES", "LABELED_OFFSET", "TRAIN_SLICES", "Case", "HeldoutSplit", "heldout_split"]
+
+#: Slices of the labeled CT in each part, and where the labeled CT starts in the full scan.
+EVALUATION_SLICES, TRAIN_SLICES, LABELED_OFFSET = range(0, 10), range(10, 30), 82
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image file, its label file (``None`` when unlabeled) and the full-scan slices it covers."""
+
+    image: Path
+    label: Path | None
+    slices: range
+
+
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """The written parts (see the module docstring)."""
+
+    train: Case
+    calibration: tuple[Case, ...]
+    evaluation: Case
+
+    @property
+    def calibration_dir(self) -> Path:
+        """The folder holding exactly the calibration images (what ``--calib`` takes)."""
+        return self.calibration[0].image.parent
+
+
+def _slab(image: nib.Nifti1Image, slices: range, dtype: type) -> nib.Nifti1Image:
+    data = np.asanyarray(image.dataobj)[:, :, slices.start:slices.stop].astype(dtype)
+    affine = image.affine.copy()
+    affine[:3, 3] = image.affine[:3, :3] @ np.array([0, 0, slices.start]) + image.affine[:3, 3]
+    out = nib.Nifti1Image(data, affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    return out
+
+
+def heldout_split(out: str | Path) -> HeldoutSplit:
+    """Write the split into ``out`` (``train/``, ``calibration/``, ``evaluation/``; files are replaced)."""
+    out = Path(out)
+    root = sample_dataset()
+    labeled = nib.load(str(root / "imagesTr" / "ct_abdomen.nii.gz"))
+    labels = nib.load(str(root / "labelsTr" / "ct_abdomen.nii.gz"))
+    full = nib.load(str(root / "unlabeled" / "ct_abdomen_full.nii.gz"))
+    # The labeled CT's file carries the full scan's origin, so the slabs are cut from the full scan, whose
+    # slices 82-111 are the labeled CT voxel for voxel (and the labels are cut at the same offsets).
+    shifted = lambda r: range(r.start + LABELED_OFFSET, r.stop + LABELED_OFFSET)  # noqa: E731
+    if not np.array_equal(np.asanyarray(full.dataobj)[:, :, LABELED_OFFSET:], np.asanyarray(labeled.dataobj)):
+        raise ValueError(f"{root}: the labeled CT is not slices {LABELED_OFFSET}+ of the full CT; reinstall prunekit3d")
+    label_array = np.zeros(full.shape, np.uint8)
+    label_array[:, :, LABELED_OFFSET:] = np.asanyarray(labels.dataobj)
+    label_full = nib.Nifti1Image(label_array, full.affine)
+
+    def write(part: str, name: str, slices: range, labeled_part: bool) -> Case:
+        (out / part).mkdir(parents=True, exist_ok=True)
+        image = out / part / f"{name}.nii.gz"
+        nib.save(_slab(full, slices, np.int16), str(image))
+        label = None
+        if labeled_part:
+            (out / part / "labels").mkdir(exist_ok=True)
+            label = out / part / "labels" / f"{name}.nii.gz"
+            nib.save(_slab(label_full, slices, np.uint8), str(label))
+        return Case(image, label, slices)
+
+    train = shifted(TRAIN_SLICES)
+    return HeldoutSplit(
+        train=write("train", "train", train, True),
+        calibration=(write("calibration", "calib_lower", range(0, LABELED_OFFSET), False),
+                     write("calibration", "calib_train", train, False)),
+        evaluation=write("evaluation", "evaluation", shifted(EVALUATION_SLICES), True),
+    )
