@@ -1,0 +1,309 @@
+"""Held-out benchmark: what compression keeps on images it has never seen, and what it costs.
+
+The bundled CT is split along z (:mod:`prunekit3d.sample.split`): baselines of several families are trained
+on the training slab, ``prunekit3d compress`` distils and prunes them label-free on the calibration images
+(the training slab and the unlabeled lower scan), and every network is scored on the evaluation slab, which
+neither training, calibration nor distillation sees. Per row:
+
+- parameters, FLOPs (multiply-adds, fvcore), peak inference memory (one patch);
+- latency paired with the original (timed in alternation, one patch, 2 threads) on PyTorch's default CPU
+  path and with ``prunekit3d.use_onednn``;
+- held-out Dice and NSD against the labels (mean of liver, kidneys, spleen), held-out agreement (Dice with the
+  original's segmentation), and compress's wall time;
+- a "plain student": the compressed architecture re-initialised and trained from scratch on the training
+  slab like the baseline -- what compression adds over training a small network directly.
+
+Writes ``heldout.json`` (after every row), ``heldout.md`` and ``heldout.png`` (held-out Dice against FLOPs and
+against latency) into ``--out``. Measured numbers only.
+
+    python benchmarks/heldout.py [--families dynunet segresnet basic_unet plain_unet] [--out heldout-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+import prunekit3d as pk
+from prunekit3d.data import read_labels, read_volumes
+from prunekit3d.evaluate import mean_dice, segmentation, sliding_window_logits
+from prunekit3d.io.files import write_json
+from prunekit3d.report import count_flops, count_params, measure, paired_latency
+from prunekit3d.sample.split import heldout_split
+
+#: The baselines: one network per family, each a few minutes of CPU training.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "dynunet": {"import_path": "monai.networks.nets.DynUNet", "kwargs": {
+        "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "kernel_size": [3, 3, 3, 3],
+        "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2], "filters": [16, 32, 64, 128], "res_block": True}},
+    "segresnet": {"import_path": "monai.networks.nets.SegResNet", "kwargs": {
+        "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "init_filters": 16}},
+    "basic_unet": {"import_path": "monai.networks.nets.BasicUNet", "kwargs": {
+        "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "features": [16, 16, 32, 64, 128, 16]}},
+    "plain_unet": {"import_path": "dynamic_network_architectures.architectures.unet.PlainConvUNet", "kwargs": {
+        "input_channels": 1, "n_stages": 4, "features_per_stage": [16, 32, 64, 128], "conv_op": "torch.nn.Conv3d",
+        "kernel_sizes": [[3, 3, 3]] * 4, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+        "n_conv_per_stage": [2, 2, 2, 2], "num_classes": 4, "n_conv_per_stage_decoder": [2, 2, 2],
+        "conv_bias": True, "norm_op": "torch.nn.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}},
+}
+#: (flag, value) of each compression budget.
+BUDGETS = [("target_flops", 0.5), ("target_flops", 0.3), ("target_flops", 0.2), ("target_params", 0.3)]
+PATCH = (64, 64, 16)
+#: CT soft-tissue window used as every network's preprocessing (fixed, so all volumes are mapped alike).
+WINDOW = (-200.0, 300.0)
+
+
+def window(image: np.ndarray) -> torch.Tensor:
+    lo, hi = WINDOW
+    x = np.clip(image.astype(np.float32), lo, hi)
+    return torch.from_numpy((x - (lo + hi) / 2) / ((hi - lo) / 2))
+
+
+def build(name: str) -> nn.Module:
+    """A family's network; PlainConvUNet takes classes by import path, which the spec cannot hold."""
+    spec = copy.deepcopy(FAMILIES[name])
+    if name == "plain_unet":
+        import pydoc
+
+        kwargs = spec["kwargs"]
+        for key in ("conv_op", "norm_op", "nonlin"):
+            kwargs[key] = pydoc.locate(kwargs[key])
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+        return PlainConvUNet(**kwargs)
+    return pk.from_spec(spec)
+
+
+def fit(model: nn.Module, image: torch.Tensor, label: torch.Tensor, iterations: int, seed: int,
+        console: Console, title: str) -> nn.Module:
+    """Supervised training on the training slab (Dice + CE, Adam, poly decay, random patches)."""
+    from prunekit3d.recipes.demo import fit_supervised
+
+    return fit_supervised(model, [image], [label], PATCH, iterations, seed=seed, console=console, title=title)
+
+
+def scores(model: nn.Module, reference: nn.Module | None, image: torch.Tensor, label: torch.Tensor,
+           spacing: tuple[float, ...]) -> dict[str, float]:
+    """Held-out Dice and NSD (mean over the classes present in the labels) and agreement with ``reference``."""
+    from prunekit3d.evaluate import dice_and_nsd
+
+    logits = sliding_window_logits(model.eval(), image, PATCH)
+    dsc, nsd = dice_and_nsd(logits, label, spacing, tolerance=max(spacing))
+    out = {"dice": float(np.nanmean(dsc.numpy())), "nsd": float(np.nanmean(nsd.numpy()))}
+    if reference is not None:
+        ref = sliding_window_logits(reference.eval(), image, PATCH)
+        out["agreement"] = mean_dice(segmentation(ref), segmentation(logits), ref.shape[0])
+    return out
+
+
+def costs(model: nn.Module, reference: nn.Module) -> dict[str, float]:
+    """Parameters, FLOPs, peak inference memory and latency paired with ``reference`` (default path, oneDNN)."""
+    x = torch.zeros(1, 1, *PATCH)
+    size = [1, 1, *PATCH]
+    default = paired_latency([reference.eval(), model.eval()], size, warmup=2, repeats=7)
+    fast = [pk.use_onednn(copy.deepcopy(m).eval()) for m in (reference, model)]
+    onednn = paired_latency(fast, size, warmup=2, repeats=7)
+    report = measure(model, size, warmup=1, repeats=1, train_step=False)
+    return {"params": count_params(model), "flops": count_flops(model, x)[0],
+            "latency_ms": default[1], "latency_ms_reference": default[0],
+            "latency_onednn_ms": onednn[1], "latency_onednn_ms_reference": onednn[0],
+            "peak_inference_mib": report.peak_memory_inference_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--budgets", nargs="+", default=[f"{k}={v}" for k, v in BUDGETS],
+                        help="e.g. target_flops=0.3 target_params=0.3")
+    parser.add_argument("--iterations", type=int, default=400, help="training steps of baselines and plain students")
+    parser.add_argument("--student-budget", default="target_flops=0.3",
+                        help="the budget whose architecture is also trained from scratch ('' for none)")
+    parser.add_argument("--compress", default="{}", help="extra CompressConfig settings as JSON (ablations)")
+    parser.add_argument("--out", type=Path, default=Path("heldout-results"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console(width=max(Console().width, 160))
+    args.out.mkdir(parents=True, exist_ok=True)
+    split = heldout_split(args.out / "split")
+    data = _prepare(split, args.out / "data")
+    budgets = [(k, float(v)) for k, v in (b.split("=") for b in args.budgets)]
+    extra = json.loads(args.compress)
+    results_file = args.out / "heldout.json"
+    rows: list[dict[str, Any]] = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
+    done = {(r["family"], r["variant"]) for r in rows}
+    for family in args.families:
+        baseline = _baseline(family, data, args, console)
+        if (family, "original") not in done:
+            rows.append({"family": family, "variant": "original", **costs(baseline, baseline),
+                         **scores(baseline, None, *data["eval"]), "agreement": 1.0})
+            _save(results_file, rows, args)
+        for kind, value in budgets:
+            variant = f"{kind}={value:g}"
+            if (family, variant) in done:
+                continue
+            small, seconds, report = _compress(family, baseline, data, kind, value, extra, args, console)
+            rows.append({"family": family, "variant": variant, "compress_s": seconds, **costs(small, baseline),
+                         **scores(small, baseline, *data["eval"]),
+                         "agreement_reported": report.get("agreement_dice")})
+            _save(results_file, rows, args)
+            if variant == args.student_budget and (family, f"plain student {variant}") not in done:
+                student = pk.load(args.out / family / variant.replace("=", "-"))
+                _reinitialise(student)
+                fit(student, *data["train"], args.iterations, 1, console, f"{family}: plain student {variant}")
+                rows.append({"family": family, "variant": f"plain student {variant}", **costs(student, baseline),
+                             **scores(student, baseline, *data["eval"])})
+                _save(results_file, rows, args)
+    _table(rows, console)
+    _plot(rows, args.out / "heldout.png")
+    console.print(f"wrote {results_file}, {args.out / 'heldout.md'}, {args.out / 'heldout.png'}")
+
+
+def _prepare(split: Any, folder: Path) -> dict[str, Any]:
+    """Windowed copies of the parts (what the networks take), as float32 NIfTI for ``--calib`` and tensors."""
+    import nibabel as nib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    calib = folder / "calibration"
+    calib.mkdir(exist_ok=True)
+    for case in split.calibration:
+        img = nib.load(str(case.image))
+        nib.save(nib.Nifti1Image(window(np.asanyarray(img.dataobj)).numpy(), img.affine), str(calib / case.image.name))
+    out: dict[str, Any] = {"calib": calib}
+    for part in ("train", "evaluation"):
+        case = getattr(split, part)
+        (volume,) = read_volumes(case.image)
+        read_labels(case.label, [volume])
+        spacing = tuple(float(s) for s in nib.load(str(case.image)).header.get_zooms()[:3])
+        tensors = (window(volume.image), torch.from_numpy(volume.label))
+        out["train" if part == "train" else "eval"] = (*tensors, spacing) if part == "evaluation" else tensors
+    return out
+
+
+def _baseline(family: str, data: dict[str, Any], args: argparse.Namespace, console: Console) -> nn.Module:
+    path = args.out / family / "baseline.safetensors"
+    model = build(family)
+    if path.is_file():
+        from prunekit3d.sources import fit_weights, read_state_dict
+
+        fit_weights(model, read_state_dict(path), path, family)
+        return model.eval()
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    model = fit(build(family), *data["train"], args.iterations, 0, console, f"{family}: baseline")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_model(model, str(path))
+    return model
+
+
+def _compress(family: str, baseline: nn.Module, data: dict[str, Any], kind: str, value: float,
+              extra: dict[str, Any], args: argparse.Namespace, console: Console) -> tuple[nn.Module, float, dict]:
+    from prunekit3d.recipes.compress import CompressConfig, compress
+
+    out = args.out / family / f"{kind}-{value:g}"
+    spec = FAMILIES[family]
+    config = CompressConfig(checkpoint=str(args.out / family / "baseline.safetensors"), out=str(out),
+                            calib=str(data["calib"]), spec=None, model=spec["import_path"],
+                            model_kwargs=spec["kwargs"], normalize="none", patch=PATCH, device="cpu",
+                            overwrite=True, **{kind: value}, **extra)
+    started = time.perf_counter()
+    result = compress(config, console=console)
+    return result.model.cpu().eval(), time.perf_counter() - started, result.report
+
+
+def _reinitialise(model: nn.Module) -> None:
+    """Fresh weights for every layer (the architecture stays): the plain student starts from scratch."""
+    torch.manual_seed(1)
+    for m in model.modules():
+        if m is not model and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def _save(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    write_json(path, {"threads": args.threads, "patch": list(PATCH), "window": list(WINDOW), "rows": rows,
+                      "torch": torch.__version__})
+    (path.parent / "heldout.md").write_text(markdown(rows), encoding="utf-8")
+
+
+COLUMNS = [("family", "family", "{}"), ("variant", "variant", "{}"), ("params", "params", "{:,}"),
+           ("flops", "GFLOPs", "{:.2f}"), ("latency_ms", "latency ms", "{:.0f}"),
+           ("latency_onednn_ms", "latency oneDNN ms", "{:.0f}"), ("peak_inference_mib", "peak MiB", "{:.0f}"),
+           ("dice", "held-out Dice", "{:.3f}"), ("nsd", "held-out NSD", "{:.3f}"),
+           ("agreement", "held-out agreement", "{:.3f}"), ("compress_s", "compress s", "{:.0f}")]
+
+
+def _cells(row: dict[str, Any], original: dict[str, Any] | None) -> list[str]:
+    cells = []
+    for key, _, form in COLUMNS:
+        value = row.get(key)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            cells.append("-")
+            continue
+        text = form.format(value / 1e9 if key == "flops" else value)
+        if original is not None and key in ("params", "flops", "latency_ms", "latency_onednn_ms") and row is not original:
+            reference = row.get(f"{key}_reference", original[key]) if key.startswith("latency") else original[key]
+            text += f" (x{value / reference:.2f})"
+        cells.append(text)
+    return cells
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for row in rows:
+        original = next((r for r in rows if r["family"] == row["family"] and r["variant"] == "original"), None)
+        lines.append("| " + " | ".join(_cells(row, original)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _table(rows: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title="held-out benchmark (evaluation slab never seen by training, calibration or distillation)")
+    for _, title, _ in COLUMNS:
+        table.add_column(title, justify="left" if title in ("family", "variant") else "right")
+    for row in rows:
+        original = next((r for r in rows if r["family"] == row["family"] and r["variant"] == "original"), None)
+        table.add_row(*_cells(row, original))
+    console.print(table)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "flops", "GFLOPs (multiply-adds, one patch)"),
+                           (axes[1], "latency_onednn_ms", "latency, oneDNN path (ms, one patch, 2 threads)")):
+        for family in dict.fromkeys(r["family"] for r in rows):
+            mine = [r for r in rows if r["family"] == family]
+            kinds = {"original": "o", "compressed": "s", "student": "x"}
+            for kind, marker in kinds.items():
+                pts = [r for r in mine if (kind == "original" and r["variant"] == "original")
+                       or (kind == "student" and r["variant"].startswith("plain student"))
+                       or (kind == "compressed" and r["variant"].startswith("target_"))]
+                if pts:
+                    xs = [r[key] / (1e9 if key == "flops" else 1) for r in pts]
+                    ax.scatter(xs, [r["dice"] for r in pts], marker=marker, label=f"{family} {kind}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out Dice")
+        ax.set_xscale("log")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
