@@ -1,17 +1,21 @@
-"""Patch sampling: random training and distillation patches from whole volumes.
+"""Patch sampling: random training and distillation patches of whole volumes, on MONAI transforms.
 
-Training draws its patches through MONAI transforms inside a ``CacheDataset`` (:func:`training_augmentation`)::
+One crop for every recipe (:func:`patch_crop`)::
 
-    preprocessed case -- pad to patch -- foreground indices --                         (cached with the case)
-                      -- crop (foreground-centred with p = foreground_fraction) -- rotate -- flip x, y, z
+    case {"image": (C, X, Y, Z), "label": (1, X, Y, Z)} -- pad to patch -- foreground / background indices
+        -- crop centred on a foreground voxel with probability foreground_fraction, else on a background voxel
 
-Compression draws uniformly placed patches of its in-memory calibration volumes (:class:`PatchSampler`),
-seeded by a ``torch.Generator`` so that a resumed run draws what the interrupted one would have.
+``prunekit3d train`` runs it inside a cached MONAI dataset after preprocessing, followed by rotation and
+flips (:func:`training_augmentation`). :class:`PatchSampler` runs it on volumes held in memory (``compress``
+with the original network's own segmentation as the label, baselines with their labels), seeded by a
+``torch.Generator`` so that a resumed run draws what the interrupted one would have. Without labels it crops
+uniformly.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -22,66 +26,109 @@ from monai.transforms import (
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotated,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
     SpatialPadd,
 )
 
 from prunekit3d.data.preprocessing import KEYS
 
-__all__ = ["PatchSampler", "training_augmentation"]
+__all__ = ["PatchSampler", "distillation_augmentation", "patch_crop", "training_augmentation"]
 
 _INDICES = ["label_fg", "label_bg"]
 
 
-def training_augmentation(pre: Compose, patch: Sequence[int], foreground_fraction: float) -> Compose:
-    """``pre``, then pad to the patch and index the foreground (both cached with ``pre`` by a CacheDataset),
-    then the random part: crop with foreground oversampling, rotate, flip along each axis."""
-    angle = math.radians(15)
-    return Compose([
-        *pre.transforms,
-        SpatialPadd(KEYS, spatial_size=tuple(patch)),
-        FgBgToIndicesd("label", fg_postfix="_fg", bg_postfix="_bg"),
+def patch_crop(patch: Sequence[int], foreground_fraction: float) -> tuple[list, list]:
+    """The crop as MONAI transforms: ``(deterministic part, random part)`` (a cache keeps the first).
+
+    The deterministic part pads to the patch and indexes the label's foreground and background voxels;
+    the random part crops around a foreground voxel with probability ``foreground_fraction``.
+    """
+    size = tuple(int(p) for p in patch)
+    fixed = [SpatialPadd(KEYS, spatial_size=size), FgBgToIndicesd("label", fg_postfix="_fg", bg_postfix="_bg")]
+    random = [
         RandCropByPosNegLabeld(
-            KEYS, "label", spatial_size=tuple(patch), pos=foreground_fraction, neg=1 - foreground_fraction,
-            num_samples=1, fg_indices_key=_INDICES[0], bg_indices_key=_INDICES[1],
+            KEYS, "label", spatial_size=size, pos=foreground_fraction, neg=1 - foreground_fraction, num_samples=1,
+            fg_indices_key=_INDICES[0], bg_indices_key=_INDICES[1],
         ),
         DeleteItemsd(_INDICES),  # flat index arrays of varying length: they would not collate
+    ]
+    return fixed, random
+
+
+def training_augmentation(pre: Compose, patch: Sequence[int], foreground_fraction: float) -> Compose:
+    """``pre``, then :func:`patch_crop` (its deterministic part cached with ``pre`` by a CacheDataset), then
+    rotation and a flip along each axis."""
+    angle = math.radians(15)
+    fixed, random = patch_crop(patch, foreground_fraction)
+    return Compose([
+        *pre.transforms,
+        *fixed,
+        *random,
         RandRotated(KEYS, range_x=angle, range_y=angle, range_z=angle, prob=0.2, mode=("bilinear", "nearest")),
         *(RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)),
     ])
 
 
+def distillation_augmentation() -> list:
+    """Flips along each axis and a small intensity scale and shift, for label-free distillation patches:
+    the original network labels the augmented patch itself, so nothing needs to stay consistent."""
+    return [
+        *(RandFlipd("image", prob=0.5, spatial_axis=axis) for axis in range(3)),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+    ]
+
+
 class PatchSampler:
-    """Random patches of the calibration volumes (zero-padded where a volume is smaller than a patch).
+    """Random patches of volumes held in memory (zero-padded where a volume is smaller than a patch).
 
     Args:
         images: ``(C, X, Y, Z)`` tensors, already normalised.
-        labels: one ``(X, Y, Z)`` integer tensor per image, or ``None``.
+        labels: one ``(X, Y, Z)`` integer tensor per image (the crop favours their foreground), or ``None``
+            (uniform crops).
         patch: patch size.
+        foreground_fraction: probability that a patch is centred on a foreground voxel of its label.
+        augment: MONAI transforms applied to each patch dict after the crop (e.g. :func:`distillation_augmentation`).
     """
 
     def __init__(
-        self, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None, patch: Sequence[int]
+        self,
+        images: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor] | None,
+        patch: Sequence[int],
+        *,
+        foreground_fraction: float = 0.5,
+        augment: Sequence = (),
     ) -> None:
         self.patch = tuple(int(p) for p in patch)
-        self.images = [self._pad(x) for x in images]
-        self.labels = None if labels is None else [self._pad(y[None])[0] for y in labels]
+        self.labelled = labels is not None
+        if self.labelled:
+            fixed, random = patch_crop(self.patch, foreground_fraction)
+        else:
+            fixed = [SpatialPadd("image", spatial_size=self.patch)]
+            random = [RandSpatialCropd("image", roi_size=self.patch, random_size=False)]
+        prepare = Compose(fixed)
+        self.cases = [
+            prepare({"image": x, "label": y[None]} if self.labelled else {"image": x})
+            for x, y in zip(images, labels if labels is not None else [None] * len(images))
+        ]
+        self.draw = Compose([*random, *augment])
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        extra = [max(0, p - s) for p, s in zip(self.patch, x.shape[1:])]
-        pad: list[int] = []
-        for e in reversed(extra):  # F.pad lists the last axis first
-            pad += [e // 2, e - e // 2]
-        return torch.nn.functional.pad(x, pad) if any(extra) else x
+    def _one(self, case: dict) -> dict:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a volume without foreground crops on its background: as intended
+            out = self.draw(dict(case))
+        return out[0] if isinstance(out, list) else out
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``n`` patches ``(n, C, *patch)`` (and their labels ``(n, *patch)``), drawn with ``generator``."""
-        images, labels = [], []
-        for _ in range(n):
-            i = int(torch.randint(len(self.images), (1,), generator=generator))
-            x = self.images[i]
-            corner = [int(torch.randint(s - p + 1, (1,), generator=generator)) for s, p in zip(x.shape[1:], self.patch)]
-            box = tuple(slice(c, c + p) for c, p in zip(corner, self.patch))
-            images.append(x[(slice(None), *box)])
-            if self.labels is not None:
-                labels.append(self.labels[i][box])
-        return torch.stack(images), (torch.stack(labels) if self.labels is not None else None)
+        self.draw.set_random_state(seed=int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        picks = torch.randint(len(self.cases), (n,), generator=generator).tolist()
+        patches = [self._one(self.cases[i]) for i in picks]
+        images = torch.stack([torch.as_tensor(p["image"]).as_subclass(torch.Tensor) for p in patches])
+        if not self.labelled:
+            return images, None
+        labels = torch.stack([torch.as_tensor(p["label"]).as_subclass(torch.Tensor)[0].long() for p in patches])
+        return images, labels

@@ -26,6 +26,9 @@ class CompressConfig:
         calib: calibration images: a NIfTI file, a folder of them, or an MSD data set folder.
         labels: labels of the calibration images (a supervised loss is added to the distillation).
         normalize: "zscore" (per image and channel) or "none" (fed as stored).
+        holdout: fraction of the calibration data never distilled on, to measure agreement on unseen data
+            (whole volumes when there are at least five, else the end slab of every volume; 0 = none).
+        min_agreement: warn when the held-out agreement with the original ends below this.
         out: the output directory.
         overwrite: replace a non-empty ``out``.
 
@@ -39,6 +42,9 @@ class CompressConfig:
         finetune_epochs: end-to-end distillation of the slim network, shared by the channel-pruning rounds.
         channel_rounds: channel pruning is spread over this many rounds (when channels must go at all).
         lr: Adam learning rate (constant). calib_patches: fixed patches the pruner calibrates on.
+        foreground_fraction: probability that a distillation patch is centred on the original's foreground
+            (its own segmentation of the calibration volumes, or the labels if given).
+        augment: flip and intensity-jitter the distillation patches.
         branches, exp_ratio: light branches per block (7, 4 or 1) and their width.
         max_block_error: an original block is replaced only if its stand-in error is at most this
             (1 = no better than dropping the block). Low by default: on a trained network a replaced block
@@ -57,6 +63,8 @@ class CompressConfig:
     spec: str | None = None
     labels: str | None = None
     normalize: str = "zscore"
+    holdout: float = 0.2
+    min_agreement: float = 0.95
     target_params: float | None = None
     target_flops: float | None = None
     channels: float | None = None
@@ -69,6 +77,8 @@ class CompressConfig:
     iters_per_epoch: int = 10
     lr: float = 5e-3
     calib_patches: int = 8
+    foreground_fraction: float = 0.5
+    augment: bool = False
     branches: int = 4
     exp_ratio: float = 0.5
     max_block_error: float = 0.02
@@ -99,6 +109,9 @@ class CompressConfig:
             "iters_per_epoch >= 1": self.iters_per_epoch >= 1,
             "calib_patches >= 1, channel_rounds >= 1": self.calib_patches >= 1 and self.channel_rounds >= 1,
             "lr > 0": self.lr > 0,
+            "0 <= holdout < 1": 0 <= self.holdout < 1,
+            "0 <= min_agreement <= 1": 0 <= self.min_agreement <= 1,
+            "0 <= foreground_fraction <= 1": 0 <= self.foreground_fraction <= 1,
             "max_block_error >= 0": self.max_block_error >= 0,
             "patience >= 1, step >= 1, tolerance >= 0": self.patience >= 1 and self.step >= 1 and self.tolerance >= 0,
         }

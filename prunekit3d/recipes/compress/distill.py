@@ -49,31 +49,33 @@ __all__ = [
 ]
 
 
-def logit_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """KL divergence of the student's class probabilities from the teacher's, per voxel, averaged.
+def logit_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL divergence of the student's class probabilities from the teacher's at ``temperature``, per voxel,
+    averaged and scaled by ``temperature ** 2`` (so its gradients keep their size, as in Hinton et al. 2015).
 
     One output channel is read as a sigmoid (binary) prediction: binary cross-entropy against the
     teacher's probability, minus the teacher's entropy, which is the same KL divergence.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} differ")
-    s, t = student.float(), teacher.float()
+    s, t = student.float() / temperature, teacher.float() / temperature
     if s.shape[1] == 1:
         p = torch.sigmoid(t)
         entropy = F.binary_cross_entropy_with_logits(t, p)
-        return F.binary_cross_entropy_with_logits(s, p) - entropy
-    kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="none", log_target=True)
-    return kl.sum(1).mean()
+        kl = F.binary_cross_entropy_with_logits(s, p) - entropy
+    else:
+        kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="none", log_target=True).sum(1).mean()
+    return kl * temperature**2
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """:func:`logit_distillation` plus Dice + cross-entropy against the teacher's segmentation (its argmax).
 
     The KL term is an average over voxels, which background dominates; the Dice term weighs every class
     alike, so small structures keep the teacher's shape.
     """
     hard = (teacher[:, 0] > 0).long() if teacher.shape[1] == 1 else teacher.argmax(1)
-    return logit_distillation(student, teacher) + supervised_loss(student, hard)
+    return logit_distillation(student, teacher, temperature) + supervised_loss(student, hard)
 
 
 def supervised_loss(student: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -207,13 +209,14 @@ def distill_step(
     optimizer: torch.optim.Optimizer,
     labels: torch.Tensor | None = None,
     clip: float = 12.0,
+    temperature: float = 1.0,
 ) -> float:
     """One end-to-end distillation step (plus the supervised loss with ``labels``); returns the loss."""
     with torch.no_grad():
         target = output_logits(teacher(images))
     optimizer.zero_grad(set_to_none=True)
     out = output_logits(student(images))
-    loss = distillation_loss(out, target)
+    loss = distillation_loss(out, target, temperature)
     if labels is not None:
         loss = loss + supervised_loss(out, labels)
     loss.backward()

@@ -16,7 +16,7 @@ from typing import Any
 from rich.table import Table
 from torch import nn
 
-from prunekit3d.evaluate import agreement_dice, label_dice
+from prunekit3d.evaluate import label_dice
 from prunekit3d.io import save
 from prunekit3d.io.files import atomic_directory
 from prunekit3d.recipes.compress.run import CompressRun
@@ -36,9 +36,7 @@ class CompressResult:
     def table(self, extra: Sequence[tuple[str, str, str]] = (), title: str | None = None) -> Table:
         """The before / after table: costs, agreement Dice, Dice vs labels (if measured), plus ``extra`` rows."""
         r = self.report
-        rows = [("agreement Dice with the original", "1.000", f"{r['agreement_dice']:.3f}")]
-        if "dice_vs_labels_before" in r:
-            rows.append(("Dice vs labels", f"{r['dice_vs_labels_before']:.3f}", f"{r['dice_vs_labels_after']:.3f}"))
+        rows = [(name, b, a) for name, b, a in quality_rows(r)]
         budget = r.get("budget")
         if title is None:
             title = f"prunekit3d compress -> {self.out}"
@@ -60,7 +58,8 @@ def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], 
         latency = paired_latency([run.teacher, model], size, warmup=1, repeats=7)
         before, after = (replace(r, latency_ms=ms) for r, ms in zip((before, after), latency))
         bar.update(task, advance=1)
-        agreement = agreement_dice(run.teacher, model, run.images, run.patch)
+        held_out = run.agreement(model, "held_out") if run.split.images["held_out"] else None
+        distilled = run.agreement(model, "distill")
         bar.update(task, advance=1)
     budget = run.cfg.budget
     report: dict[str, Any] = {
@@ -70,17 +69,23 @@ def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], 
         "flops_after": after.flops,
         "latency_ms_before": before.latency_ms,
         "latency_ms_after": after.latency_ms,
-        "agreement_dice": agreement,
+        # The honest figure: agreement on calibration data that distillation never saw.
+        "agreement_dice": held_out if held_out is not None else distilled,
+        "agreement_dice_distilled": distilled,
+        "agreement_measured_on": run.split.description if held_out is not None else "the distillation data itself",
     }
-    if run.labels is not None:
-        report["dice_vs_labels_before"] = label_dice(run.teacher, run.images, run.labels, run.patch)
-        report["dice_vs_labels_after"] = label_dice(model, run.images, run.labels, run.patch)
+    if run.split.labels is not None:
+        part = "held_out" if held_out is not None else "distill"
+        images, labels = run.split.images[part], run.split.labels[part]
+        report["dice_vs_labels_before"] = label_dice(run.teacher, images, labels, run.patch)
+        report["dice_vs_labels_after"] = label_dice(model, images, labels, run.patch)
     if budget is not None:
         kind, ratio = budget
         reached = report[f"{kind}_after"] / report[f"{kind}_before"]
         report["budget"] = {"kind": kind, "asked": ratio, "reached": reached, "met": reached <= ratio}
     else:
         report["budget"] = None
+    report["warnings"] = warnings_for(run, report)
     report["plan"] = {
         "wrapped_blocks": list(run.state.get("stand_in_errors", {})),
         "stand_in_errors": run.state.get("stand_in_errors", {}),
@@ -97,11 +102,39 @@ def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], 
     }
     report["before"], report["after"] = before.to_dict(), after.to_dict()
     report["calibration"] = {
-        "images": len(run.images), "patch": list(run.patch), "normalize": run.cfg.normalize
+        "images": len(run.split.images["distill"]), "held_out": run.split.description, "patch": list(run.patch),
+        "normalize": run.cfg.normalize,
     }
     report["timings_s"] = run.state["timings"]
     report["config"] = run.cfg.to_dict()
     return report, before, after
+
+
+def quality_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(quantity, original, compressed)`` rows: agreement (held out, and on the distillation data), Dice."""
+    rows = [("agreement Dice with the original (held out)", "1.000", f"{report['agreement_dice']:.3f}")]
+    if report["agreement_measured_on"] != "the distillation data itself":
+        rows.append(("agreement Dice on the distillation data", "1.000", f"{report['agreement_dice_distilled']:.3f}"))
+    if "dice_vs_labels_before" in report:
+        rows.append(("Dice vs labels", f"{report['dice_vs_labels_before']:.3f}",
+                     f"{report['dice_vs_labels_after']:.3f}"))
+    return rows
+
+
+def warnings_for(run: CompressRun, report: dict[str, Any]) -> list[str]:
+    """What a user must know before trusting the result: low agreement, a budget that barely moved the cost."""
+    out = []
+    if report["agreement_dice"] < run.cfg.min_agreement:
+        out.append(f"agreement with the original {report['agreement_dice']:.3f} on {report['agreement_measured_on']} "
+                   f"is below --min-agreement {run.cfg.min_agreement:g}: the compressed network does not compute "
+                   "what the original does; raise the budget or the distillation epochs")
+    budget = report["budget"]
+    if budget is not None and budget["kind"] == "params":
+        flops = report["flops_after"] / report["flops_before"]
+        if flops > 0.8:
+            out.append(f"--target-params {budget['asked']:g} left {flops:.2f} of the FLOPs: inference is barely "
+                       "cheaper; use --target-flops (or --target-latency) for speed")
+    return out
 
 
 def write_result(
@@ -122,11 +155,11 @@ def markdown_report(report: dict[str, Any], before: ModelReport, after: ModelRep
     lines = ["# prunekit3d compress", "", "| quantity | original | compressed | compressed / original |",
              "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {b} | {a} | {ratio} |" for name, b, a, ratio in comparison_rows(before, after)]
-    lines.append(f"| agreement Dice with the original | 1.000 | {report['agreement_dice']:.3f} | |")
-    if "dice_vs_labels_before" in report:
-        lines.append(
-            f"| Dice vs labels | {report['dice_vs_labels_before']:.3f} | {report['dice_vs_labels_after']:.3f} | |"
-        )
+    lines += [f"| {name} | {b} | {a} | |" for name, b, a in quality_rows(report)]
+    lines += ["", f"Agreement measured on {report['agreement_measured_on']}, which distillation never saw."
+              if report["agreement_measured_on"] != "the distillation data itself"
+              else "Agreement measured on the distillation data itself (nothing was held out)."]
+    lines += ["", *(f"**Warning:** {w}" for w in report.get("warnings", []))]
     threads = f"{before.threads} thread{'s' if before.threads != 1 else ''}"
     size = "x".join(map(str, before.input_size))
     lines += ["", f"Input {size} on {before.device} ({threads}); memory: {before.memory_method}.", ""]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from prunekit3d.data import PatchSampler, normalise_volume, read_labels, read_volumes
-from prunekit3d.evaluate import output_logits
+from prunekit3d.data.patches import distillation_augmentation
+from prunekit3d.evaluate import mean_dice, output_logits, segmentation, sliding_window_logits
 from prunekit3d.io.errors import first_line
 from prunekit3d.io.files import write_json
 from prunekit3d.recipes.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
@@ -32,10 +34,10 @@ from prunekit3d.schedule import ProgressivePruner
 from prunekit3d.sources import build_model, first_conv, model_spec
 from prunekit3d.wrap import redundant_modules
 
-__all__ = ["RUN_FORMAT", "CompressRun", "Unreachable", "partial_dir"]
+__all__ = ["RUN_FORMAT", "CompressRun", "HeldOut", "Unreachable", "hold_out", "partial_dir"]
 
 #: Marks the resume state (``DIR.partial/state.json``) of this version of the pipeline.
-RUN_FORMAT = "prunekit3d.compress-run/1"
+RUN_FORMAT = "prunekit3d.compress-run/2"
 
 
 def partial_dir(out: str | Path) -> Path:
@@ -46,6 +48,49 @@ def partial_dir(out: str | Path) -> Path:
 
 class Unreachable(ValueError):
     """The budget cannot be met (found only after training: the partial run is removed)."""
+
+
+@dataclass
+class HeldOut:
+    """The calibration data split into what distillation sees and what it never sees (to measure agreement).
+
+    Attributes:
+        images, labels: ``{"distill": [...], "held_out": [...]}`` tensors (labels ``None`` without labels).
+        description: what was held out, in words (for the report).
+    """
+
+    images: dict[str, list[torch.Tensor]]
+    labels: dict[str, list[torch.Tensor]] | None
+    description: str
+
+
+def hold_out(names: Sequence[str], images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None,
+             fraction: float) -> HeldOut:
+    """Keep ``fraction`` of the calibration data out of distillation: whole volumes (the last by name) when
+    there are at least five, else a slab of that fraction at the end of the last axis of every volume."""
+    order = sorted(range(len(images)), key=lambda i: names[i])
+    if fraction <= 0:
+        split = {"distill": order, "held_out": []}
+    elif len(images) >= 5:
+        n = max(1, round(fraction * len(images)))
+        split = {"distill": order[:-n], "held_out": order[-n:]}
+    else:
+        split = None
+    if split is not None:
+        pick = lambda seq, part: [seq[i] for i in split[part]]  # noqa: E731
+        held = [names[i] for i in split["held_out"]]
+        words = f"{len(held)} of {len(images)} calibration volumes ({', '.join(held)})" if held else "nothing"
+        return HeldOut({p: pick(images, p) for p in split}, {p: pick(labels, p) for p in split} if labels else None,
+                       words)
+    cut = [max(1, round(x.shape[-1] * fraction)) for x in images]
+    parts = {"distill": [x[..., : x.shape[-1] - c] for x, c in zip(images, cut)],
+             "held_out": [x[..., x.shape[-1] - c:] for x, c in zip(images, cut)]}
+    label_parts = None if labels is None else {
+        "distill": [y[..., : y.shape[-1] - c] for y, c in zip(labels, cut)],
+        "held_out": [y[..., y.shape[-1] - c:] for y, c in zip(labels, cut)]}
+    words = (f"the last {fraction:.0%} of the last axis of each of the {len(images)} calibration volume(s) "
+             f"({sum(cut)} slice(s))")
+    return HeldOut(parts, label_parts, words)
 
 
 class CompressRun:
@@ -103,17 +148,36 @@ class CompressRun:
                 f"(its first convolution {name!r}); pass images with {conv.in_channels} channel(s)"
             )
         self.in_channels = conv.in_channels
-        self.images = [normalise_volume(v, cfg.normalize) for v in volumes]
-        self.labels = [torch.from_numpy(v.label) for v in volumes] if cfg.labels is not None else None
-        self.patch = self._fit_patch(cfg.patch)
-        self.sampler = PatchSampler(self.images, self.labels, self.patch)
+        images = [normalise_volume(v, cfg.normalize) for v in volumes]
+        labels = [torch.from_numpy(v.label) for v in volumes] if cfg.labels is not None else None
+        self.patch = self._fit_patch(cfg.patch, images)
         self.example = torch.zeros(1, self.in_channels, *self.patch)
         self.teacher.to(self.device)
+        self.split = hold_out([v.name for v in volumes], images, labels, cfg.holdout)
+        self.teacher.eval()
+        # The original's own segmentation: where distillation patches centre, and what agreement compares with.
+        self.teacher_seg = {part: [self.segment(self.teacher, x) for x in self.split.images[part]]
+                            for part in ("distill", "held_out")}
+        sampling = self.split.labels["distill"] if labels is not None else self.teacher_seg["distill"]
+        augment = distillation_augmentation() if cfg.augment else ()
+        self.sampler = PatchSampler(self.split.images["distill"], sampling, self.patch,
+                                    foreground_fraction=cfg.foreground_fraction, augment=augment)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         self.calib_batches = [
             self.sampler.sample(min(cfg.batch, cfg.calib_patches - i), generator)[0].to(self.device)
             for i in range(0, cfg.calib_patches, cfg.batch)
         ]
+
+    def segment(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """``model``'s segmentation of a whole volume (sliding window, eval mode)."""
+        return segmentation(sliding_window_logits(model.eval(), image, self.patch))
+
+    def agreement(self, model: nn.Module, part: str = "held_out") -> float:
+        """Mean Dice of ``model``'s segmentations with the original's on the ``part`` volumes."""
+        classes = max(2, int(output_logits(self.teacher(self.example.to(self.device))).shape[1]))
+        scores = [mean_dice(reference, self.segment(model, x), classes)
+                  for x, reference in zip(self.split.images[part], self.teacher_seg[part])]
+        return float(np.mean(scores))
 
     def _runs(self, patch: Sequence[int]) -> Exception | None:
         """``None`` if the teacher runs on a patch of this size, else the error."""
@@ -124,10 +188,10 @@ class CompressRun:
             return err
         return None
 
-    def _fit_patch(self, patch: Sequence[int]) -> tuple[int, ...]:
+    def _fit_patch(self, patch: Sequence[int], images: Sequence[torch.Tensor]) -> tuple[int, ...]:
         """``patch``, each side cut down to the smallest image's extent rounded up to a multiple of 16 if the
         network runs on that (a patch larger than every image only adds padding to compute)."""
-        smallest = np.min([x.shape[1:] for x in self.images], axis=0)
+        smallest = np.min([x.shape[1:] for x in images], axis=0)
         fitted = tuple(int(min(p, -(-e // 16) * 16)) for p, e in zip(patch, smallest))
         if fitted != tuple(patch) and self._runs(fitted) is None:
             self.console.print(f"patch {list(patch)} -> {list(fitted)}: no calibration image is larger")
@@ -156,8 +220,10 @@ class CompressRun:
         return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + phase * 10_007 + epoch)
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of distillation patches, with their labels only if the user gave labels (supervision)."""
         images, labels = self.sampler.sample(self.cfg.batch, generator)
-        return images.to(self.device), (labels.to(self.device) if labels is not None else None)
+        supervised = labels is not None and self.cfg.labels is not None
+        return images.to(self.device), (labels.to(self.device) if supervised else None)
 
     def save_state(self) -> None:
         write_json(self.partial / "state.json", self.state)
@@ -195,14 +261,20 @@ class CompressRun:
         epochs: int,
         step: Callable[[torch.Tensor, torch.Tensor | None], float],
         pruner: ProgressivePruner | None = None,
-    ) -> None:
+        score: Callable[[nn.Module], float] | None = None,
+    ) -> dict[str, Any] | None:
         """``epochs`` epochs of ``step(images, labels) -> loss`` on random patches, checkpointed after every epoch
         and continued from the last checkpoint on resume. The learning rate stays constant: these schedules
-        are short, and a decaying rate leaves the network less recovered at the end."""
+        are short, and a decaying rate leaves the network less recovered at the end.
+
+        With ``score`` (higher is better, e.g. the held-out agreement), the model is scored after every epoch
+        and ends with the weights of its best epoch; returns ``{"epoch", "score", "scores"}`` then."""
         saved = self.restore(model, optimizer, phase)
         if saved and pruner is not None:
             pruner.load_state_dict(saved["pruner"])
         first = saved["epoch"] + 1 if saved else 0
+        best: dict[str, Any] = dict(saved.get("best", {})) if saved else {}
+        best.setdefault("scores", [])
         iters = self.cfg.iters_per_epoch
         model.eval()  # see prunekit3d.recipes.compress.distill: the student learns the function inference computes
         with self.progress() as bar:
@@ -221,8 +293,18 @@ class CompressRun:
                         n = sum(len(v) for v in decision.branches.values())
                         bar.console.print(f"epoch {epoch}: {decision.kind}: {n} light branches ({decision.reason})")
                     progress["pruner"] = pruner.state_dict()
+                if score is not None:
+                    value = score(model)
+                    best["scores"].append(round(value, 5))
+                    if value > best.get("score", -1.0):
+                        best.update(epoch=epoch, score=value)
+                        save_checkpoint(self.partial / f"best-{phase}", model, optimizer, {"epoch": epoch})
+                    progress["best"] = best
                 self.checkpoint(model, optimizer, progress)
+        if score is not None and "epoch" in best:
+            load_checkpoint(self.partial / f"best-{phase}", model, None, self.device)
         self.drop_graph(model)
+        return best if score is not None else None
 
     def drop_graph(self, model: nn.Module) -> None:
         """One forward without autograd. Networks that keep intermediate outputs as attributes (MONAI DynUNet's
