@@ -237,7 +237,7 @@ def test_overwrite_is_refused_unless_asked(artifact, pruned_dynunet, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a prunekit3d artifact"):
+    with pytest.raises(FileExistsError, match="not a directory prunekit3d wrote"):
         save(model, other, overwrite=True)
     assert (other / "keep.txt").read_text() == "mine"
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from prunekit3d.channels import ChannelPlan, apply_channel_plan, channel_record
 from prunekit3d.io.errors import ArtifactError
-from prunekit3d.io.files import atomic_directory, sha256
+from prunekit3d.io.files import atomic_directory, check_output_dir, sha256
 from prunekit3d.io.spec import check_spec, from_spec
 from prunekit3d.io.weights import fit_state, read_weights, split_tied
 from prunekit3d.plan import PrunePlan
@@ -176,23 +176,6 @@ def _verify_files(root: Path, manifest: Mapping[str, Any]) -> None:
 
 
 # ---- save / load ------------------------------------------------------------------------------------
-def _is_artifact(path: Path) -> bool:
-    try:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} is a file; an artifact is a directory: pick another path")
-    if target.is_dir() and any(target.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
-        if not _is_artifact(target):
-            raise FileExistsError(f"{target} is not a prunekit3d artifact; overwrite=True replaces only artifacts")
-
-
 def save(
     model: nn.Module,
     path: str | os.PathLike,
@@ -214,7 +197,8 @@ def save(
             one, :func:`load` needs ``model=`` (a fresh base network instance).
         plans: the prune plans applied so far, oldest first (kept in the manifest as history).
         extra: any JSON-able metadata, e.g. ``{"patch_size": [128, 128, 128]}``.
-        overwrite: replace an existing artifact at ``path`` (never a directory that is not one).
+        overwrite: replace an existing artifact (or other prunekit3d output) at ``path``; never a directory
+            prunekit3d did not write (:func:`prunekit3d.io.files.check_output_dir`).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -230,7 +214,7 @@ def save(
     spec = None if spec is None else check_spec(spec)
     plans = [_jsonable(p.to_dict() if isinstance(p, PrunePlan) else dict(p), "a plan") for p in plans]
     extra = _jsonable(dict(extra or {}), "extra")
-    _check_target(target, overwrite)
+    check_output_dir(target, overwrite=overwrite, what="path")
     model, steps = _record_steps(model)
     with atomic_directory(target, overwrite=overwrite) as tmp:
         weights, tied = split_tied(model.state_dict())
