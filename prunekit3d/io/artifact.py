@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,9 @@ def _version() -> str:
     return __version__
 
 
-def _base_model(manifest: Mapping[str, Any], model: nn.Module | None, where: Path) -> nn.Module:
+def _base_model(
+    manifest: Mapping[str, Any], model: nn.Module | None, where: Path, allow_imports: Iterable[str]
+) -> nn.Module:
     if model is not None:
         model = unwrap(model)
         if any(m.has_original for _, m in redundant_modules(model)):
@@ -258,21 +260,32 @@ def _base_model(manifest: Mapping[str, Any], model: nn.Module | None, where: Pat
             "pass a freshly built base network, load(path, model=...), or save with spec=..."
         )
     try:
-        return from_spec(spec)
+        return from_spec(spec, allow_imports=allow_imports)
     except ValueError as err:
         raise ArtifactError(f"{where}: cannot build the base network from its spec: {err}") from err
 
 
 def load(
-    path: str | os.PathLike, model: nn.Module | None = None, *, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    map_location: str | torch.device = "cpu",
+    allow_imports: Iterable[str] = (),
 ) -> nn.Module:
-    """Rebuild the saved (slim) network and load its weights; nothing is unpickled.
+    """Rebuild the saved (slim) network and load its weights; nothing is unpickled, nothing unlisted imported.
+
+    The manifest's spec builds the base network only from the import allow-list
+    (:func:`prunekit3d.io.spec.check_import_path`): an artifact from elsewhere cannot make ``load``
+    import or run a module you did not allow.
 
     Args:
         path: an artifact directory written by :func:`save`.
         model: the UNWRAPPED base network to rebuild on, for artifacts saved without a spec (e.g. an
             nnU-Net network built from its plans). It is changed in place; pass a fresh instance.
         map_location: device of the returned model.
+        allow_imports: import prefixes the spec may build from beyond the defaults (``prunekit3d``,
+            ``monai.networks``, ``dynamic_network_architectures``) and ``PRUNEKIT3D_ALLOW_IMPORTS``,
+            e.g. ``["mypkg"]`` for an artifact of your own ``mypkg.Net``.
 
     Returns:
         The slim network in eval mode, carrying ``.spec`` (if known) and the structural steps, so that
@@ -280,13 +293,14 @@ def load(
 
     Raises:
         ArtifactError: a file is missing, truncated or changed (checksums), the base network cannot be
-            built, or the weights do not fit it (the first missing/unexpected key or mismatching shape).
+            built (also: its import path is not allowed), or the weights do not fit it (the first missing/unexpected key or mismatching shape).
     """
     root = Path(path)
     manifest = load_manifest(root)
     _verify_files(root, manifest)  # before anything the manifest names is imported or read
     given_class = None if model is None else _class_name(unwrap(model))
-    built = _replay(_base_model(manifest, model, root / MANIFEST), manifest["steps"], root / MANIFEST)
+    base = _base_model(manifest, model, root / MANIFEST, allow_imports)
+    built = _replay(base, manifest["steps"], root / MANIFEST)
     file = root / WEIGHTS
     try:
         state = fit_state(read_weights(file), manifest["weights"].get("tied", {}), built, file)
