@@ -7,8 +7,8 @@ then compared on one input (batch 1, ``--size``^3, ``--threads`` threads, eval m
     original  -- the network as built
     25%, 50%  -- a quarter / half of every group's channels removed (heads and the input stay)
 
-FLOPs come from ``torch.utils.flop_counter`` (convolutions and matmuls, 2 FLOPs per multiply-add),
-the counter ``prune_channels(target_flops=...)`` uses. Latencies come from interleaved runs
+FLOPs are multiply-adds from :func:`prunekit3d.report.count_flops` (fvcore), the one counter that
+``prunekit3d report`` and ``prune_channels(target_flops=...)`` use. Latencies come from interleaved runs
 (original, 25%, 50% in turn); each is the fastest of ``--repeats`` runs, the estimate least
 disturbed by other processes on a shared machine.
 
@@ -115,13 +115,13 @@ def main() -> None:
         labels = ("original", *[f"{r:.0%}" for r in RATIOS])
         for label, model, lat, prune_s in zip(labels, versions, latency, [0.0, *seconds]):
             rows.append({
-                "network": name, "removed": label, "params": count_params(model), "flops": count_flops(model, x),
+                "network": name, "removed": label, "params": count_params(model), "flops": int(count_flops(model, x)),
                 "latency_s": lat, "prune_s": prune_s,
             })
         console.print(f"{name}: done")
 
     table = Table(title=f"channel pruning ({args.size}^3 input, batch 1, {args.threads} threads, CPU, eval)")
-    columns = ("network", "removed", "params (M)", "params", "GFLOPs", "FLOPs", "latency (ms)", "speed-up", "prune (s)")
+    columns = ("network", "removed", "params (M)", "params", "GFLOPs (multiply-adds)", "FLOPs", "latency (ms)", "speed-up", "prune (s)")
     for col in columns:
         table.add_column(col, justify="left" if col in ("network", "removed") else "right")
     base: dict = {}

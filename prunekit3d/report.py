@@ -3,7 +3,7 @@
 :func:`measure` fills a :class:`ModelReport` for one input size::
 
     model --count-------------------------------------------------> params
-          --fvcore FlopCountAnalysis (1 multiply-add = 1 FLOP)-----> flops
+          --fvcore FlopCountAnalysis (multiply-adds)---------------> flops
           --eval, no grad: warm-up runs, then timed runs (median)--> latency_ms
           --one forward, peak of the memory allocated during it----> peak_memory_inference_mb
           --train(): forward + backward + SGD step, timed, peak----> train_step_ms, peak_memory_train_step_mb
@@ -13,6 +13,11 @@ How memory is measured (``memory_method`` says which): on CUDA, ``torch.cuda.max
 reports every allocation and free made while profiling, and the peak of their running sum is the memory the
 step needed on top of what already existed (weights, the input). Both count tensors only -- not the Python
 process, libraries or allocator caches -- so the numbers of two models are comparable and repeatable.
+
+FLOPs have ONE unit everywhere in prunekit3d: multiply-adds, as fvcore and the papers count them (a
+``Conv3d`` layer costs ``out voxels x C_out x C_in / groups x kernel volume``; norms count too, element-wise
+ops do not). :func:`count_flops` is the one counter: reports, budgets (``prune_channels(target_flops=...)``)
+and the recipes all call it, so a figure from ``prunekit3d report`` is a valid budget.
 
 The training step's loss is the mean square of every output tensor (deep-supervision heads included): what
 a step costs does not depend on which loss is used.
@@ -41,8 +46,10 @@ from rich.table import Table
 from torch import nn
 
 from prunekit3d.modes import eval_mode
+from prunekit3d.wrap import unwrap
 
 __all__ = [
+    "FlopCount",
     "ModelReport",
     "comparison_rows",
     "comparison_table",
@@ -63,7 +70,7 @@ class ModelReport:
         device: where it ran ("cpu", "cuda:0").
         threads: CPU threads torch used.
         params: parameters.
-        flops: fvcore's FLOPs of one forward pass (one multiply-add = 1).
+        flops: FLOPs of one forward pass in multiply-adds (:func:`count_flops`).
         latency_ms: median warm inference latency (eval mode, no grad).
         train_step_ms: median time of one training step (forward, backward, SGD step); ``None`` if not measured.
         peak_memory_inference_mb: peak memory allocated during one inference forward, MiB.
@@ -107,7 +114,7 @@ class ModelReport:
         """``(quantity, value, formatted value)`` in the order the tables print them."""
         values = [
             ("parameters", self.params, f"{self.params:,}"),
-            ("GFLOPs (fvcore)", self.flops / 1e9, f"{self.flops / 1e9:.3f}"),
+            (FLOPS_UNIT, self.flops / 1e9, f"{self.flops / 1e9:.3f}"),
             ("latency (ms)", self.latency_ms, ".1f"),
             ("train step (ms)", self.train_step_ms, ".1f"),
             ("peak memory, inference (MiB)", self.peak_memory_inference_mb, ".1f"),
@@ -153,8 +160,8 @@ def comparison_table(before: ModelReport, after: ModelReport, extra: Sequence[tu
 
 
 def count_params(model: nn.Module) -> int:
-    """Distinct parameters of ``model`` (a parameter held under two names counts once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Distinct parameters of ``model`` (a parameter held under two names counts once; DDP unwrapped)."""
+    return sum(p.numel() for p in unwrap(model).parameters())
 
 
 def _first_tensors(output: Any) -> list[torch.Tensor]:
@@ -167,18 +174,65 @@ def _first_tensors(output: Any) -> list[torch.Tensor]:
     return []
 
 
+#: Row label of the FLOP count in every table: the unit stated.
+FLOPS_UNIT = "GFLOPs (multiply-adds)"
+
+
+class FlopCount(int):
+    """Multiply-adds of one forward pass: an ``int``, with where they come from and what was not counted.
+
+    Attributes:
+        by_module: multiply-adds per qualified module name (``""`` is the whole model), as fvcore's ``by_module``.
+        unsupported: operators fvcore did not count (element-wise ops, some resampling), with counts.
+
+    Code written against the former ``(total, unsupported) = count_flops(...)`` return still works:
+    ``count[0]`` is the total and ``count[1]`` the unsupported operators.
+    """
+
+    by_module: dict[str, int]
+    unsupported: dict[str, int]
+
+    def __new__(cls, total: int, by_module: dict[str, int], unsupported: dict[str, int]) -> FlopCount:
+        count = super().__new__(cls, total)
+        count.by_module, count.unsupported = by_module, unsupported
+        return count
+
+    def __getnewargs__(self) -> tuple[int, dict[str, int], dict[str, int]]:  # copy and pickle keep the breakdown
+        return int(self), self.by_module, self.unsupported
+
+    def __getitem__(self, index: int) -> int | dict[str, int]:
+        return (int(self), self.unsupported)[index]
+
+    def __iter__(self) -> Iterator[int | dict[str, int]]:
+        return iter((int(self), self.unsupported))
+
+    def __repr__(self) -> str:
+        return f"FlopCount({int(self):,} multiply-adds)"
+
+
 @torch.no_grad()
-def count_flops(model: nn.Module, example_input: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """fvcore's FLOPs of one eval-mode forward (one multiply-add = 1) and the operators it skipped."""
+def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
+    """Multiply-adds of one eval-mode forward on ``example_input`` (fvcore's count), with a per-module breakdown.
+
+    The one FLOP counter of prunekit3d (see the module docstring). ``DataParallel`` / DDP are unwrapped.
+
+    Example::
+
+        >>> conv = nn.Conv3d(2, 4, 3, padding=1)
+        >>> int(count_flops(conv, torch.zeros(1, 2, 8, 8, 8))) == 8**3 * 4 * 2 * 27
+        True
+    """
     from fvcore.nn import FlopCountAnalysis  # imported on use: it is slow to import
 
-    with eval_mode(model), _quiet_stderr(), warnings.catch_warnings():
+    with eval_mode(unwrap(model)) as net, _quiet_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's deprecation and trace warnings say nothing about the count
-        analysis = FlopCountAnalysis(model, example_input)
+        analysis = FlopCountAnalysis(net, example_input)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        total = int(analysis.total())
-        skipped = {str(k): int(v) for k, v in analysis.unsupported_ops().items()}
-    return total, skipped
+        return FlopCount(
+            int(analysis.total()),
+            {str(k): int(v) for k, v in analysis.by_module().items()},
+            {str(k): int(v) for k, v in analysis.unsupported_ops().items()},
+        )
 
 
 @contextlib.contextmanager
@@ -288,7 +342,7 @@ def measure(
     dev = ref.device if ref is not None else torch.device("cpu")
     x = torch.randn(size, device=dev)
     params = count_params(model)
-    flops, skipped = count_flops(model, x)
+    flops = count_flops(model, x)
 
     with eval_mode(model), torch.no_grad():
         def infer() -> None:
@@ -311,13 +365,13 @@ def measure(
         device=str(dev),
         threads=torch.get_num_threads(),
         params=params,
-        flops=flops,
+        flops=int(flops),
         latency_ms=latency,
         train_step_ms=step_ms,
         peak_memory_inference_mb=peak_infer,
         peak_memory_train_step_mb=peak_step,
         memory_method=method,
-        unsupported_ops=skipped,
+        unsupported_ops=flops.unsupported,
     )
 
 

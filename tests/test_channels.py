@@ -25,7 +25,9 @@ from prunekit3d.channels import (
     prune_channels,
 )
 from prunekit3d.channels.graph import prunable_groups, sync_splits, sync_widths
+from prunekit3d.channels.prune import BUDGET_STEP
 from prunekit3d.models import psp_seg
+from prunekit3d.report import measure
 from prunekit3d.slim import slim
 from prunekit3d.slim.blocks import SlimParallel
 
@@ -334,6 +336,19 @@ def test_budget_is_met_within_one_step(budget: str) -> None:
     plan = prune_channels(model, x, **{f"target_{budget}": target})
     assert measure() <= target < start
     assert 0 < plan.ratio < 0.9 and measure() >= target * 0.7  # not pruned far past the budget
+
+
+@pytest.mark.parametrize("r", [0.5, 0.3])
+def test_a_fraction_of_the_reported_flops_is_a_budget_that_lands_at_that_fraction(r: float) -> None:
+    # The report's figure and the budget share one unit: prune no further than the step that meets it.
+    model, x = _network("dynunet")
+    fresh = copy.deepcopy(model)
+    reported = measure(model, tuple(x.shape), repeats=1, warmup=0, train_step=False).flops
+    plan = prune_channels(model, x, target_flops=int(reported * r))
+    assert count_flops(model, x) / reported <= r
+    one_step_less = copy.deepcopy(fresh)
+    prune_channels(one_step_less, x, ratio=plan.ratio - BUDGET_STEP)
+    assert count_flops(one_step_less, x) / reported > r
 
 
 # ---- the record ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 
 import pytest
 import safetensors
@@ -237,7 +238,7 @@ def test_overwrite_is_refused_unless_asked(artifact, pruned_dynunet, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a prunekit3d artifact"):
+    with pytest.raises(FileExistsError, match="not a directory prunekit3d wrote"):
         save(model, other, overwrite=True)
     assert (other / "keep.txt").read_text() == "mine"
 
@@ -317,7 +318,18 @@ def test_from_spec_builds_registry_and_import_path_models():
     [
         ({"import_path": "no_such_package.nets.Net"}, "'no_such_package' is not importable"),
         ({"import_path": "monai.networks.nets.DynUNett"}, "has no attribute 'DynUNett'.*'DynUNet'"),
-        ({"import_path": "os.system", "kwargs": {"command": "true"}}, "not an nn.Module class"),
+        ({"import_path": "os.system", "kwargs": {"command": "true"}}, "outside the import allow-list"),
+        ({"import_path": "subprocess.Popen", "kwargs": {"args": ["true"]}}, "outside the import allow-list"),
+        ({"import_path": "monai.networksfoo.Net"}, "outside the import allow-list"),  # whole components only
+        ({"import_path": "monai.apps.Net"}, "outside the import allow-list"),
+        ({"import_path": "monai.networks.nets.dynunet.nn.Conv3d"}, "is the module 'torch.nn' imported there"),
+        ({"import_path": "monai.networks.nets.DynUNet.__init__"}, "walks through '__init__'"),
+        ({"import_path": "monai.networks.nets.DynUNet; rm"}, "dotted Python names"),
+        ({"import_path": "prunekit3d.io.spec.from_spec"}, "not an nn.Module class"),
+        (dict(DYNUNET, kwargs=dict(DYNUNET["kwargs"], norm_name=["instance", {"affine": torch.nn.ReLU}])),
+         r"spec\['kwargs'\]\['norm_name'\]\[1\]\['affine'\] is a builtins.type"),
+        (dict(DYNUNET, kwargs=dict(DYNUNET["kwargs"], strides={1: 2})), "has the key 1"),
+        (dict(DYNUNET, kwargs=dict(DYNUNET["kwargs"], dropout=float("nan"))), "no NaN"),
         (dict(DYNUNET, kwargs=dict(DYNUNET["kwargs"], widths=[8])), r"does not take \['widths'\]"),
         ({"import_path": "monai.networks.nets.DynUNet", "kwargs": {"spatial_dims": 3}}, r"needs \['in_channels'"),
         ({"name": "psp_seg_x"}, "unknown model 'psp_seg_x'"),
@@ -343,3 +355,69 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
             raise RuntimeError("interrupted")
     assert json.loads(target.read_text()) == {"a": 1}  # the old file is still whole
     assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]  # no temporary left behind
+
+
+# ---- untrusted artifacts: nothing outside the import allow-list is imported ------------------------------
+UNLISTED = '''
+from pathlib import Path
+import torch
+Path(__file__).with_name("IMPORTED").write_text("ran")  # what a malicious package would do on import
+
+
+class Net(torch.nn.Conv3d):
+    def __init__(self):
+        super().__init__(1, 2, 3)
+'''
+
+
+def _respec(artifact, import_path):
+    """The artifact's manifest naming ``import_path``, re-signed: the checksum certifies only itself."""
+    from prunekit3d.io.artifact import _checksum
+
+    file = artifact / "manifest.json"
+    manifest = json.loads(file.read_text())
+    manifest["model"]["spec"] = {"import_path": import_path, "kwargs": {}}
+    manifest["checksum"] = _checksum(manifest)
+    file.write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def unlisted_package(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "some_unlisted_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(UNLISTED)
+    monkeypatch.syspath_prepend(str(package.parent))
+    yield package
+    sys.modules.pop("some_unlisted_pkg", None)
+
+
+@pytest.mark.parametrize("import_path", ["os.system", "subprocess.Popen", "some_unlisted_pkg.Net"])
+def test_an_artifact_naming_an_unlisted_import_is_refused_before_anything_is_imported(
+    import_path, unlisted_package, tmp_path
+):
+    artifact = save(torch.nn.Conv3d(1, 2, 3), tmp_path / "downloaded")
+    _respec(artifact, import_path)
+    modules = set(sys.modules)
+    with pytest.raises(ArtifactError, match=r"outside the import allow-list.*allow_imports=\[.*PRUNEKIT3D_ALLOW_IMPORTS"):
+        load(artifact)
+    assert set(sys.modules) == modules  # not even a parent package was imported
+    assert not (unlisted_package / "IMPORTED").exists()
+
+
+def test_an_allowed_import_builds_through_the_argument_or_the_environment(unlisted_package, tmp_path, monkeypatch):
+    conv = torch.nn.Conv3d(1, 2, 3)
+    artifact = save(conv, tmp_path / "mine")
+    _respec(artifact, "some_unlisted_pkg.Net")
+    loaded = load(artifact, allow_imports=["some_unlisted_pkg"])
+    assert type(loaded).__name__ == "Net" and (unlisted_package / "IMPORTED").exists()
+    assert torch.equal(loaded.weight, conv.weight)
+    sys.modules.pop("some_unlisted_pkg")
+    monkeypatch.setenv("PRUNEKIT3D_ALLOW_IMPORTS", "other_pkg, some_unlisted_pkg")
+    assert type(load(artifact)).__name__ == "Net"
+    monkeypatch.delenv("PRUNEKIT3D_ALLOW_IMPORTS")
+    assert type(from_spec({"import_path": "some_unlisted_pkg.Net"}, allow_imports=["some_unlisted_pkg.Net"])).__name__ == "Net"
+
+
+def test_registry_names_need_no_allow_list(monkeypatch):
+    monkeypatch.setenv("PRUNEKIT3D_ALLOW_IMPORTS", "")
+    assert type(from_spec({"name": "psp_seg_s", "in_channels": 1, "out_channels": 2})).__name__ == "PSPSeg"

@@ -13,7 +13,7 @@ from rich.console import Console
 
 import prunekit3d as pk
 from prunekit3d.cli import main
-from prunekit3d.report import ModelReport, comparison_table, measure, paired_latency
+from prunekit3d.report import FLOPS_UNIT, ModelReport, comparison_table, count_flops, measure, paired_latency
 
 KWARGS = dict(spatial_dims=3, in_channels=1, out_channels=3, kernel_size=[3, 3, 3], strides=[1, 2, 2],
               upsample_kernel_size=[2, 2], filters=[4, 8, 16], deep_supervision=True, deep_supr_num=1)
@@ -42,6 +42,40 @@ def test_measure_counts_and_times_a_network() -> None:
     assert report.peak_memory_train_step_mb >= 2 * params_mib
     assert report.peak_memory_train_step_mb > report.peak_memory_inference_mb
     assert "profiler" in report.memory_method
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape", "macs"),
+    [
+        # out voxels x C_out x C_in / groups x kernel volume, counted by hand
+        (torch.nn.Conv3d(2, 4, 3, padding=1), (1, 2, 8, 8, 8), 8**3 * 4 * 2 * 27),
+        (torch.nn.Conv3d(3, 5, (3, 1, 3), stride=2), (2, 3, 9, 8, 7), 2 * (4 * 4 * 3) * 5 * 3 * 9),
+        (torch.nn.Conv3d(4, 4, 3, padding=1, groups=4, bias=False), (1, 4, 6, 6, 6), 6**3 * 4 * 1 * 27),
+        (torch.nn.ConvTranspose3d(4, 2, 2, stride=2), (1, 4, 4, 4, 4), 4**3 * 4 * 2 * 8),
+    ],
+)
+def test_flops_are_multiply_adds_counted_by_hand(conv, shape, macs) -> None:
+    count = count_flops(conv, torch.zeros(shape))
+    assert count == macs and isinstance(count, int)
+    assert count.by_module[""] == macs
+    report = measure(conv, shape, repeats=1, warmup=0, train_step=False)
+    assert report.flops == macs
+    text = Console(record=True, width=120)
+    text.print(report)
+    assert FLOPS_UNIT in text.export_text() and "multiply-adds" in FLOPS_UNIT
+
+
+def test_one_flop_counter_everywhere() -> None:
+    import prunekit3d.channels as channels
+    from prunekit3d.channels import count_flops as torch_flops  # the name the recipes import
+
+    assert torch_flops is channels.count_flops is count_flops
+    net, x = _net(), torch.zeros(1, 1, 16, 16, 16)
+    count = count_flops(net, x)
+    total, unsupported = count  # the former (total, unsupported) return still unpacks
+    assert total == count[0] == int(count) and unsupported == count[1] == count.unsupported
+    assert count.by_module[""] == int(count) > count.by_module["input_block"] > 0
+    assert copy.deepcopy(count).by_module == count.by_module
 
 
 def test_peak_memory_grows_with_the_input() -> None:

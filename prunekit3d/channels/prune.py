@@ -22,7 +22,6 @@ from typing import Union
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit3d.channels.graph import (
     build_graph,
@@ -33,8 +32,8 @@ from prunekit3d.channels.graph import (
     sync_widths,
 )
 from prunekit3d.channels.record import ChannelPlan, add_round
-from prunekit3d.modes import eval_mode
 from prunekit3d.redundant import RedundantModule
+from prunekit3d.report import count_flops, count_params
 from prunekit3d.wrap import unwrap
 
 __all__ = ["IMPORTANCES", "MAX_RATIO", "count_flops", "count_params", "prune_channels"]
@@ -51,19 +50,6 @@ IMPORTANCES: dict[str, Callable[[], Callable[[tp.Group], torch.Tensor | None]]] 
 MAX_RATIO = 0.9
 #: Ratio increment of the budget search (each increment is one pruning step).
 BUDGET_STEP = 0.025
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters of ``model``."""
-    return sum(p.numel() for p in unwrap(model).parameters())
-
-
-@torch.no_grad()
-def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
-    """FLOPs of one eval-mode forward pass on ``example_input`` (torch's counter: 2 per multiply-add)."""
-    with eval_mode(unwrap(model)) as net, FlopCounterMode(display=False) as counter:
-        net(example_input)
-    return int(counter.get_total_flops())
 
 
 @dataclass
@@ -279,7 +265,9 @@ def prune_channels(
         example_input: one sample ``(1, C, D, H, W)`` for tracing (and for counting FLOPs).
         ratio: fraction of channels to remove, ``0 < ratio < 1``.
         target_params: parameter budget of the pruned model.
-        target_flops: FLOP budget of one forward pass on ``example_input`` (see :func:`count_flops`).
+        target_flops: FLOP budget of one forward pass on ``example_input``, in multiply-adds: the unit of
+            :func:`prunekit3d.report.count_flops` (what ``prunekit3d report`` prints), so a fraction of a
+            reported figure prunes to that fraction.
         importance: ``"magnitude"`` (group L2 norm), ``"taylor"`` (|weight x gradient|; backpropagate a
             loss on real data first) or a torch-pruning importance (``callable(group) -> scores``).
         global_pruning: rank channels across all groups (each capped at ``MAX_RATIO``) instead of

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from prunekit3d.channels import ChannelPlan, apply_channel_plan, channel_record
 from prunekit3d.io.errors import ArtifactError
-from prunekit3d.io.files import atomic_directory, sha256
+from prunekit3d.io.files import atomic_directory, check_output_dir, sha256
 from prunekit3d.io.spec import check_spec, from_spec
 from prunekit3d.io.weights import fit_state, read_weights, split_tied
 from prunekit3d.plan import PrunePlan
@@ -176,23 +176,6 @@ def _verify_files(root: Path, manifest: Mapping[str, Any]) -> None:
 
 
 # ---- save / load ------------------------------------------------------------------------------------
-def _is_artifact(path: Path) -> bool:
-    try:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} is a file; an artifact is a directory: pick another path")
-    if target.is_dir() and any(target.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
-        if not _is_artifact(target):
-            raise FileExistsError(f"{target} is not a prunekit3d artifact; overwrite=True replaces only artifacts")
-
-
 def save(
     model: nn.Module,
     path: str | os.PathLike,
@@ -214,7 +197,8 @@ def save(
             one, :func:`load` needs ``model=`` (a fresh base network instance).
         plans: the prune plans applied so far, oldest first (kept in the manifest as history).
         extra: any JSON-able metadata, e.g. ``{"patch_size": [128, 128, 128]}``.
-        overwrite: replace an existing artifact at ``path`` (never a directory that is not one).
+        overwrite: replace an existing artifact (or other prunekit3d output) at ``path``; never a directory
+            prunekit3d did not write (:func:`prunekit3d.io.files.check_output_dir`).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -230,7 +214,7 @@ def save(
     spec = None if spec is None else check_spec(spec)
     plans = [_jsonable(p.to_dict() if isinstance(p, PrunePlan) else dict(p), "a plan") for p in plans]
     extra = _jsonable(dict(extra or {}), "extra")
-    _check_target(target, overwrite)
+    check_output_dir(target, overwrite=overwrite, what="path")
     model, steps = _record_steps(model)
     with atomic_directory(target, overwrite=overwrite) as tmp:
         weights, tied = split_tied(model.state_dict())
@@ -258,7 +242,9 @@ def _version() -> str:
     return __version__
 
 
-def _base_model(manifest: Mapping[str, Any], model: nn.Module | None, where: Path) -> nn.Module:
+def _base_model(
+    manifest: Mapping[str, Any], model: nn.Module | None, where: Path, allow_imports: Iterable[str]
+) -> nn.Module:
     if model is not None:
         model = unwrap(model)
         if any(m.has_original for _, m in redundant_modules(model)):
@@ -274,21 +260,32 @@ def _base_model(manifest: Mapping[str, Any], model: nn.Module | None, where: Pat
             "pass a freshly built base network, load(path, model=...), or save with spec=..."
         )
     try:
-        return from_spec(spec)
+        return from_spec(spec, allow_imports=allow_imports)
     except ValueError as err:
         raise ArtifactError(f"{where}: cannot build the base network from its spec: {err}") from err
 
 
 def load(
-    path: str | os.PathLike, model: nn.Module | None = None, *, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    map_location: str | torch.device = "cpu",
+    allow_imports: Iterable[str] = (),
 ) -> nn.Module:
-    """Rebuild the saved (slim) network and load its weights; nothing is unpickled.
+    """Rebuild the saved (slim) network and load its weights; nothing is unpickled, nothing unlisted imported.
+
+    The manifest's spec builds the base network only from the import allow-list
+    (:func:`prunekit3d.io.spec.check_import_path`): an artifact from elsewhere cannot make ``load``
+    import or run a module you did not allow.
 
     Args:
         path: an artifact directory written by :func:`save`.
         model: the UNWRAPPED base network to rebuild on, for artifacts saved without a spec (e.g. an
             nnU-Net network built from its plans). It is changed in place; pass a fresh instance.
         map_location: device of the returned model.
+        allow_imports: import prefixes the spec may build from beyond the defaults (``prunekit3d``,
+            ``monai.networks``, ``dynamic_network_architectures``) and ``PRUNEKIT3D_ALLOW_IMPORTS``,
+            e.g. ``["mypkg"]`` for an artifact of your own ``mypkg.Net``.
 
     Returns:
         The slim network in eval mode, carrying ``.spec`` (if known) and the structural steps, so that
@@ -296,13 +293,14 @@ def load(
 
     Raises:
         ArtifactError: a file is missing, truncated or changed (checksums), the base network cannot be
-            built, or the weights do not fit it (the first missing/unexpected key or mismatching shape).
+            built (also: its import path is not allowed), or the weights do not fit it (the first missing/unexpected key or mismatching shape).
     """
     root = Path(path)
     manifest = load_manifest(root)
     _verify_files(root, manifest)  # before anything the manifest names is imported or read
     given_class = None if model is None else _class_name(unwrap(model))
-    built = _replay(_base_model(manifest, model, root / MANIFEST), manifest["steps"], root / MANIFEST)
+    base = _base_model(manifest, model, root / MANIFEST, allow_imports)
+    built = _replay(base, manifest["steps"], root / MANIFEST)
     file = root / WEIGHTS
     try:
         state = fit_state(read_weights(file), manifest["weights"].get("tied", {}), built, file)
