@@ -220,3 +220,70 @@ def test_calibration_images_from_files_folders_and_msd(tmp_path) -> None:
     read_labels(sample_dataset(), msd)
     assert [v.name for v in msd] == ["ct_abdomen"] and msd[0].label.shape == msd[0].image.shape[1:]
     assert set(np.unique(msd[0].label)) <= {0, 1, 2, 3}
+
+
+def _marked_volume(path: Path, held_out_value: float) -> None:
+    """The sample CT z-scored, with the slab ``hold_out`` keeps aside (the last 20% of z) set to a value no
+    other voxel has: any patch holding it was drawn from the held-out part."""
+    image = nib.load(str(sample_dataset() / "imagesTr" / "ct_abdomen.nii.gz"))
+    x = np.asanyarray(image.dataobj).astype(np.float32)
+    x = (x - x.mean()) / x.std()
+    x[..., -round(0.2 * x.shape[-1]):] = held_out_value
+    nib.save(nib.Nifti1Image(x, image.affine), str(path))
+
+
+def test_the_held_out_part_never_reaches_distillation_or_calibration(checkpoint, tmp_path, monkeypatch) -> None:
+    from prunekit3d.data import PatchSampler
+
+    calib = tmp_path / "ct.nii.gz"
+    _marked_volume(calib, 1000.0)
+    drawn: list[float] = []
+    sample = PatchSampler.sample
+
+    def watched(self, n, generator):
+        images, labels = sample(self, n, generator)
+        drawn.append(float(images.max()))
+        return images, labels
+
+    monkeypatch.setattr(PatchSampler, "sample", watched)
+    config = CompressConfig(checkpoint=checkpoint, out=tmp_path / "out", calib=calib, model=MODEL, model_kwargs=KWARGS,
+                            normalize="none", target_params=0.5, patch=32, batch=1, blockwise_epochs=1, epochs=1,
+                            finetune_epochs=3, iters_per_epoch=2, device="cpu")
+    report = compress(config, console=None).report
+    assert drawn and max(drawn) < 1000.0  # every distillation and calibration patch came from the rest
+    assert report["agreement_measured_on"].startswith("the last 20% of the last axis")
+    assert report["calibration"]["held_out"] == report["agreement_measured_on"]
+
+
+def test_compressing_a_trained_network_keeps_agreement_on_the_held_out_part(tmp_path, capsys) -> None:
+    # The demo's shipped baseline (trained on the sample CT) at a mild budget: agreement is measured on the 20%
+    # of the CT that distillation never saw, and it must stay high for a trained network.
+    from prunekit3d.recipes.demo import BASELINE, BASELINE_SPEC, PATCH
+
+    args = ["compress", str(BASELINE), "--out", str(tmp_path / "out"), "--model", BASELINE_SPEC["import_path"],
+            "--model-kwargs", json.dumps(BASELINE_SPEC["kwargs"]), "--calib", str(sample_dataset()),
+            "--labels", str(sample_dataset()), "--target-params", "0.8", "--patch", *map(str, PATCH),
+            "--blockwise-epochs", "1", "--epochs", "1", "--finetune-epochs", "6", "--iters-per-epoch", "5",
+            "--device", "cpu", "--min-agreement", "0.999"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["agreement_dice"] >= 0.8, report["agreement_dice"]
+    assert report["dice_vs_labels_after"] >= report["dice_vs_labels_before"] - 0.1
+    # --min-agreement 0.999 is not reached: the report, its markdown and the console say so
+    assert any("--min-agreement 0.999" in w for w in report["warnings"])
+    assert "--min-agreement 0.999" in (tmp_path / "out" / "report.md").read_text()
+    assert "--min-agreement 0.999" in capsys.readouterr().out
+
+
+def test_a_latency_budget_is_met_on_the_deployment_path(tmp_path) -> None:
+    torch.manual_seed(0)
+    kwargs = {**KWARGS, "filters": [16, 32, 64], "deep_supervision": False}
+    path = tmp_path / "dynunet.pt"
+    torch.save(DynUNet(**kwargs).state_dict(), path)
+    config = CompressConfig(checkpoint=path, out=tmp_path / "out", calib=sample_dataset(), model=MODEL,
+                            model_kwargs=kwargs, target_latency=0.6, patch=32, batch=1, blockwise_epochs=1, epochs=1,
+                            finetune_epochs=2, iters_per_epoch=2, device="cpu")
+    report = compress(config, console=None).report
+    assert report["budget"]["kind"] == "latency" and report["budget"]["met"]
+    assert report["latency_ms_after"] / report["latency_ms_before"] <= 0.6
+    assert report["latency_path"].startswith("CPU, oneDNN")

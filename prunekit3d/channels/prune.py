@@ -312,7 +312,8 @@ def prune_channels(
         _step(graph, scorer, ignored_layers, initial, r, global_pruning)
         return r
 
-    with _zero_missing_grads(model, needed=isinstance(scorer, tp.importance.GroupTaylorImportance)), _keep_frozen(model):
+    taylor = isinstance(getattr(scorer, "base", scorer), tp.importance.GroupTaylorImportance)  # also when wrapped
+    with _zero_missing_grads(model, needed=taylor), _keep_frozen(model):
         if ratio is not None:
             done = step(ratio)
         else:

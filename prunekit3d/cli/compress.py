@@ -31,10 +31,17 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                       help="labels of the calibration images: adds a supervised loss")
     data.add_argument("--normalize", choices=["zscore", "none"], default=s,
                       help="intensities: per-image z-score or as stored (zscore)")
+    data.add_argument("--holdout", type=float, default=s, metavar="F",
+                      help="fraction of the calibration data never distilled on, where agreement is measured (0.2)")
+    data.add_argument("--min-agreement", type=float, default=s, metavar="A",
+                      help="warn when the held-out agreement with the original ends below this (0.95)")
     budget = parser.add_argument_group("budget (fraction of the original network to keep)")
     one = budget.add_mutually_exclusive_group()
     one.add_argument("--target-params", type=float, default=s, metavar="R", help="keep at most R of the parameters")
-    one.add_argument("--target-flops", type=float, default=s, metavar="R", help="keep at most R of the FLOPs")
+    one.add_argument("--target-flops", type=float, default=s, metavar="R",
+                     help="keep at most R of the FLOPs (multiply-adds)")
+    one.add_argument("--target-latency", type=float, default=s, metavar="R",
+                     help="keep at most R of the original's latency on --device (paired timing; oneDNN on a CPU)")
     budget.add_argument("--channels", type=float, default=s, metavar="R",
                         help="force channel pruning: remove R of the channels of every layer group")
     sched = parser.add_argument_group("schedule (an epoch is --iters-per-epoch steps on --batch random patches)")
@@ -47,6 +54,15 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--lr", type=float, default=s, help="Adam learning rate, poly decay per phase (5e-3)")
     sched.add_argument("--max-block-error", type=float, default=s,
                        help="replace an original block only if its stand-in error is at most this (0.02)")
+    recipe = parser.add_argument_group("distillation and pruning criteria")
+    recipe.add_argument("--foreground-fraction", type=float, default=s, metavar="P",
+                        help="patches centred on the original's foreground with this probability (0.5)")
+    recipe.add_argument("--augment", action="store_true", default=s, help="flip and jitter the distillation patches")
+    recipe.add_argument("--temperature", type=float, default=s, help="of the distillation KL term (1)")
+    recipe.add_argument("--importance", choices=["magnitude", "taylor"], default=s, help="channel importance (magnitude)")
+    recipe.add_argument("--allocation", choices=["uniform", "global", "cost"], default=s,
+                        help="which layers lose channels: the same fraction each, one global ranking, or one ranking "
+                             "by importance per unit of the budget's cost (uniform)")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:N (auto)")
     run.add_argument("--seed", type=int, default=s, help="(0)")

@@ -19,7 +19,6 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from prunekit3d.channels import count_flops as torch_flops
 from prunekit3d.io import save
 from prunekit3d.recipes.compress.distill import (
     distill_step,
@@ -29,7 +28,7 @@ from prunekit3d.recipes.compress.distill import (
     stand_in_step,
 )
 from prunekit3d.recipes.compress.run import CompressRun
-from prunekit3d.report import count_params
+from prunekit3d.report import count_flops
 from prunekit3d.schedule import ProgressivePruner
 from prunekit3d.wrap import WrapSpec, apply_wrap_spec, redundant_modules, wrap, wrap_spec
 
@@ -63,18 +62,13 @@ def stand_in(run: CompressRun, student: nn.Module) -> None:
 
 
 def _block_costs(run: CompressRun, student: nn.Module) -> dict[str, dict[str, float]]:
-    """Per wrapped module: parameters and torch-counted FLOPs of the original and of its light branches."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Per wrapped module: parameters and multiply-adds of the original and of its light branches."""
     modules = run.wrapped_modules(student)
     model = student.cpu().eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(run.example)
-    flops = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-    top = type(model).__name__
+    flops = count_flops(model, run.example).by_module
     costs = {}
     for name, m in modules.items():
-        whole, original = flops.get(f"{top}.{name}", 0), flops.get(f"{top}.{name}.branches.0", 0)
+        whole, original = flops.get(name, 0), flops.get(f"{name}.branches.0", 0)
         light = sum(p.numel() for k, b in enumerate(m.branches) if k and m.active[k] for p in b.parameters())
         costs[name] = {
             "params_original": sum(p.numel() for p in m.branches[0].parameters()),
@@ -92,10 +86,8 @@ def choose_replacements(run: CompressRun, student: nn.Module) -> list[str]:
     errors = run.state["stand_in_errors"]
     costs = _block_costs(run, student)
     budget = run.cfg.budget
-    kind = budget[0] if budget else "params"
-    total = (count_params(run.teacher) if kind == "params"
-             else torch_flops(run.teacher.cpu(), run.example))
-    run.teacher.to(run.device)
+    kind = {"params": "params", "flops": "flops", "latency": "flops"}[budget[0]] if budget else "params"
+    total = run.reference(kind)  # a latency budget is approached through multiply-adds here
     # Kept originals drop their light branches, so start from the original's own count.
     current = float(total)
     replaced = []
@@ -136,7 +128,8 @@ def block_pruning(run: CompressRun, student: nn.Module) -> None:
             monitor=["distill"], console=Console(quiet=True),
         )
         run.train("blocks", "2/3 distillation + block pruning", student, optimizer, cfg.epochs,
-                   lambda images, labels: distill_step(run.teacher, student, images, optimizer, labels=labels),
+                   lambda images, labels: distill_step(run.teacher, student, images, optimizer, labels=labels,
+                                                      temperature=cfg.temperature),
                    pruner)
     run.state["pruner"] = pruner.history if pruner is not None else []
     run.state["active_branches"] = {n: m.active_indices() for n, m in redundant_modules(student)}

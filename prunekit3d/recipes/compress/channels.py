@@ -19,10 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit3d.channels import prune_channels
+from prunekit3d.channels import IMPORTANCES, prune_channels
+from prunekit3d.channels.importance import CostAwareImportance
 from prunekit3d.channels.prune import MAX_RATIO
+from prunekit3d.evaluate import output_logits
 from prunekit3d.io import load, save
-from prunekit3d.recipes.compress.distill import distill_step
+from prunekit3d.recipes.compress.distill import distill_step, distillation_loss
+from prunekit3d.modes import kept_modes
 from prunekit3d.recipes.compress.run import CompressRun, Unreachable
 
 __all__ = ["channel_pruning", "check_reachable", "prune_round"]
@@ -74,8 +77,13 @@ def channel_pruning(run: CompressRun) -> nn.Module:
             run.save_state()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
         title = f"3/3 channel round {r + 1}/{total} + distillation" if total > 1 else "3/3 distillation"
-        run.train(f"round-{r}", title, model, optimizer, epochs,
-                   lambda images, labels: distill_step(run.teacher, model, images, optimizer, labels=labels))
+        last = r == total - 1 and bool(run.split.images["held_out"])
+        best = run.train(f"round-{r}", title, model, optimizer, epochs,
+                         lambda images, labels: distill_step(run.teacher, model, images, optimizer, labels=labels,
+                                                             temperature=cfg.temperature),
+                         score=run.agreement if last else None)
+        if best is not None:
+            run.state["best_epoch"] = best
         save(model, run.partial / f"round-{r}", spec=run.spec, overwrite=True)
         rounds.append(run.state.pop("pruned", None))
         run.save_state()
@@ -96,7 +104,7 @@ def prune_round(run: CompressRun, model: nn.Module, r: int, total: int) -> tuple
     cfg, budget = run.cfg, run.cfg.budget
     model = model.cpu()
     if cfg.channels is not None:
-        plan = prune_channels(model, run.example, ratio=1 - (1 - cfg.channels) ** (1 / total))
+        plan = prune_channels(model, run.example, ratio=1 - (1 - cfg.channels) ** (1 / total), **_criterion(run, model))
     else:
         assert budget is not None
         kind, ratio = budget
@@ -110,9 +118,11 @@ def prune_round(run: CompressRun, model: nn.Module, r: int, total: int) -> tuple
 def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float) -> tuple[nn.Module, Any]:
     """``model`` (a copy) with the least channel pruning -- one ratio for every group of coupled layers -- that
     brings its parameters or fvcore FLOPs to ``target``: bisection on the ratio, each try on a copy."""
+    criterion = _criterion(run, model)
+
     def attempt(r: float) -> tuple[nn.Module, Any, float]:
-        trial = copy.deepcopy(model)
-        plan = prune_channels(trial, run.example, ratio=r)
+        trial = copy.deepcopy(model)  # the gradients Taylor importance reads come along
+        plan = prune_channels(trial, run.example, ratio=r, **criterion)
         return trial, plan, run.count(trial, kind)
 
     now = run.count(model, kind)
@@ -139,6 +149,39 @@ def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float) -> t
             )
         found = (trial, plan)
     return found
+
+
+def _criterion(run: CompressRun, model: nn.Module) -> dict[str, Any]:
+    """``prune_channels``'s importance and allocation for this run: which channels go, and from which groups.
+
+    ``allocation``: "uniform" removes the same fraction of every group; "global" ranks all channels by
+    importance; "cost" ranks them by importance per multiply-add (per parameter for a parameter budget), so the
+    budget is taken where it is paid (:class:`~prunekit3d.channels.importance.CostAwareImportance`).
+    """
+    cfg = run.cfg
+    base = IMPORTANCES[cfg.importance]()
+    if cfg.importance == "taylor":
+        _distillation_gradients(run, model)
+    if cfg.allocation == "uniform":
+        return {"importance": base, "global_pruning": False}
+    if cfg.allocation == "global":
+        return {"importance": base, "global_pruning": True}
+    cost = "params" if cfg.budget is not None and cfg.budget[0] == "params" else "flops"
+    return {"importance": CostAwareImportance(base, model, run.example, cost=cost), "global_pruning": True}
+
+
+def _distillation_gradients(run: CompressRun, model: nn.Module) -> None:
+    """Gradients of the distillation loss on the calibration patches, for Taylor importance."""
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    with kept_modes(model):
+        model.eval()
+        for images in run.calib_batches:
+            images = images.to(device)
+            with torch.no_grad():
+                target = output_logits(run.teacher.to(device)(images))
+            distillation_loss(output_logits(model(images)), target, run.cfg.temperature).backward()
+    run.teacher.to(run.device)
 
 
 def _check_budget_met(run: CompressRun, model: nn.Module) -> None:

@@ -33,7 +33,9 @@ class CompressConfig:
         overwrite: replace a non-empty ``out``.
 
     Budget (a fraction of the original network's count; at most one of the two):
-        target_params, target_flops: keep at most this fraction of the parameters / FLOPs.
+        target_params, target_flops: keep at most this fraction of the parameters / FLOPs (multiply-adds).
+        target_latency: keep at most this fraction of the original's latency on ``device`` (one patch, timed
+            in alternation with the original; on a CPU both run on oneDNN, the path ``prunekit3d predict`` uses).
         channels: remove this fraction of the channels of every layer group (forces channel pruning).
 
     Schedule (epochs of ``iters_per_epoch`` steps on ``batch`` random patches of size ``patch``):
@@ -45,6 +47,12 @@ class CompressConfig:
         foreground_fraction: probability that a distillation patch is centred on the original's foreground
             (its own segmentation of the calibration volumes, or the labels if given).
         augment: flip and intensity-jitter the distillation patches.
+        temperature: of the KL term of the distillation loss.
+        importance: channel importance, "magnitude" (group L2 norm) or "taylor" (|weight x gradient| of the
+            distillation loss on the calibration patches).
+        allocation: which groups lose channels: "uniform" (the same fraction of each), "global" (one ranking
+            of all channels) or "cost" (one ranking by importance per multiply-add, or per parameter for a
+            parameter budget: the budget is taken where it is paid).
         branches, exp_ratio: light branches per block (7, 4 or 1) and their width.
         max_block_error: an original block is replaced only if its stand-in error is at most this
             (1 = no better than dropping the block). Low by default: on a trained network a replaced block
@@ -67,6 +75,7 @@ class CompressConfig:
     min_agreement: float = 0.95
     target_params: float | None = None
     target_flops: float | None = None
+    target_latency: float | None = None
     channels: float | None = None
     patch: tuple[int, int, int] = (64, 64, 64)
     batch: int = 2
@@ -79,6 +88,9 @@ class CompressConfig:
     calib_patches: int = 8
     foreground_fraction: float = 0.5
     augment: bool = False
+    temperature: float = 1.0
+    importance: str = "magnitude"
+    allocation: str = "uniform"
     branches: int = 4
     exp_ratio: float = 0.5
     max_block_error: float = 0.02
@@ -97,9 +109,11 @@ class CompressConfig:
         values = [self.patch] if isinstance(self.patch, int) else list(self.patch)
         self.patch = tuple(int(v) for v in (values * 3 if len(values) == 1 else values))  # type: ignore[assignment]
         rules = {
-            "at most one of target_params and target_flops": self.target_params is None or self.target_flops is None,
+            "at most one of target_params, target_flops, target_latency":
+                sum(v is not None for v in (self.target_params, self.target_flops, self.target_latency)) <= 1,
             "0 < target_params <= 1": self.target_params is None or 0 < self.target_params <= 1,
             "0 < target_flops <= 1": self.target_flops is None or 0 < self.target_flops <= 1,
+            "0 < target_latency <= 1": self.target_latency is None or 0 < self.target_latency <= 1,
             "0 < channels < 1 (the fraction of channels removed)": self.channels is None or 0 < self.channels < 1,
             "patch: 3 sizes >= 1": len(self.patch) == 3 and min(self.patch) >= 1,
             f"normalize in {list(NORMALISATIONS)}": self.normalize in NORMALISATIONS,
@@ -112,6 +126,9 @@ class CompressConfig:
             "0 <= holdout < 1": 0 <= self.holdout < 1,
             "0 <= min_agreement <= 1": 0 <= self.min_agreement <= 1,
             "0 <= foreground_fraction <= 1": 0 <= self.foreground_fraction <= 1,
+            "temperature > 0": self.temperature > 0,
+            "importance in ['magnitude', 'taylor']": self.importance in ("magnitude", "taylor"),
+            "allocation in ['uniform', 'global', 'cost']": self.allocation in ("uniform", "global", "cost"),
             "max_block_error >= 0": self.max_block_error >= 0,
             "patience >= 1, step >= 1, tolerance >= 0": self.patience >= 1 and self.step >= 1 and self.tolerance >= 0,
         }
@@ -121,11 +138,13 @@ class CompressConfig:
 
     @property
     def budget(self) -> tuple[str, float] | None:
-        """``("params" | "flops", fraction)`` or ``None``."""
+        """``("params" | "flops" | "latency", fraction)`` or ``None``."""
         if self.target_params is not None:
             return "params", float(self.target_params)
         if self.target_flops is not None:
             return "flops", float(self.target_flops)
+        if self.target_latency is not None:
+            return "latency", float(self.target_latency)
         return None
 
     def to_dict(self) -> dict[str, Any]:

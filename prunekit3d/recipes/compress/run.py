@@ -7,6 +7,7 @@ The stages themselves live in :mod:`~prunekit3d.recipes.compress.blocks` (1 and 
 
 from __future__ import annotations
 
+import copy
 import time
 import zlib
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from prunekit3d.recipes.checkpoint import checkpoint_state, load_checkpoint, sav
 from prunekit3d.recipes.compress.config import CompressConfig
 from prunekit3d.recipes.distributed import resolve_device
 from prunekit3d.redundant import RedundantModule
-from prunekit3d.report import count_flops, count_params
+from prunekit3d.report import count_flops, count_params, paired_latency
+from prunekit3d.runtime import use_onednn
 from prunekit3d.schedule import ProgressivePruner
 from prunekit3d.sources import build_model, first_conv, model_spec
 from prunekit3d.wrap import redundant_modules
@@ -315,11 +317,23 @@ class CompressRun:
             model(self.example.to(ref.device))
 
     def count(self, model: nn.Module, kind: str) -> float:
-        """Parameters, or fvcore FLOPs on one patch, of ``model``."""
+        """Parameters, multiply-adds on one patch, or latency relative to the original's, of ``model``."""
+        if kind == "latency":
+            return self.latency_ratio(model)
         model = model.cpu()
         value = count_params(model) if kind == "params" else count_flops(model, self.example)[0]
         model.to(self.device)
         return value
 
     def reference(self, kind: str) -> float:
-        return self.params_before if kind == "params" else self.flops_before
+        """The original's count of ``kind`` (latency is measured relative to it: 1)."""
+        return {"params": self.params_before, "flops": self.flops_before, "latency": 1.0}[kind]
+
+    def latency_ratio(self, model: nn.Module, repeats: int = 5) -> float:
+        """``model``'s latency over the original's on one patch, timed in alternation on the run's device; on a
+        CPU both run on oneDNN (:func:`prunekit3d.use_onednn`), the path inference uses."""
+        pair = [copy.deepcopy(m).to(self.device).eval() for m in (self.teacher, model)]
+        if self.device.type == "cpu":
+            pair = [use_onednn(m) for m in pair]
+        original, candidate = paired_latency(pair, [1, self.in_channels, *self.patch], warmup=2, repeats=repeats)
+        return candidate / original
