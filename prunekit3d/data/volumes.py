@@ -25,12 +25,14 @@ IMAGE_ENDINGS = (*NIFTI, ".mha", ".nrrd")
 
 @dataclass
 class Volume:
-    """One calibration case: ``image`` is ``(C, X, Y, Z)`` float32 as stored; ``label`` ``(X, Y, Z)`` or ``None``."""
+    """One case: ``image`` is ``(C, X, Y, Z)`` float32 as stored; ``label`` ``(X, Y, Z)`` or ``None``;
+    ``affine`` the 4x4 voxel-to-world (RAS mm) matrix of its (first) file, or ``None`` if unknown."""
 
     name: str
     image: np.ndarray
     label: np.ndarray | None = None
     source: str = ""
+    affine: np.ndarray | None = None
 
 
 def case_name(path: str | Path) -> str:
@@ -55,6 +57,12 @@ def _read_nifti(path: Path) -> np.ndarray:
         raise ValueError(f"{path} is a {data.ndim}-D image {data.shape}; calibration images are 3-D volumes "
                          "(X, Y, Z), or 4-D with channels last")
     return data
+
+
+def _affine(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).affine, dtype=np.float64)  # the header only: the data stay on disk
 
 
 def _image(paths: list[Path]) -> np.ndarray:
@@ -108,7 +116,7 @@ def read_volumes(path: str | Path, what: str = "--calib") -> list[Volume]:
         if not files:
             raise ValueError(f"{what} {path} holds no NIfTI image (.nii, .nii.gz); {hint}")
         cases = _group_channels(files)
-    return [Volume(name, _image(files), source=str(files[0])) for name, files in cases.items()]
+    return [Volume(name, _image(files), source=str(files[0]), affine=_affine(files[0])) for name, files in cases.items()]
 
 
 def read_labels(path: str | Path, volumes: list[Volume]) -> None:
