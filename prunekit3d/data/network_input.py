@@ -38,7 +38,7 @@ from monai.transforms import (
 
 from prunekit3d.data.volumes import Volume, read_volumes
 
-__all__ = ["EXTRA_KEY", "PARSE_HELP", "SCHEMES", "NetworkInput", "Preprocessing"]
+__all__ = ["EXTRA_KEY", "PARSE_HELP", "SCHEMES", "NetworkInput", "Preprocessing", "root_cause"]
 
 #: The intensity schemes of a :class:`Preprocessing` record.
 SCHEMES = ("zscore", "ct", "percentile", "none", "monai")
@@ -333,7 +333,7 @@ class Preprocessing:
         try:
             built = parser.get_parsed_content("_prunekit3d_transforms")
         except Exception as err:  # noqa: BLE001 -- ConfigParser wraps import, reference and argument errors alike
-            raise ValueError(f"the MONAI transforms of the preprocessing record do not build: {_short(err)}") from None
+            raise ValueError(f"the MONAI transforms of the preprocessing record do not build: {root_cause(err)}") from None
         plain = [type(t).__name__ for t in built if not isinstance(t, MapTransform)]
         if plain:
             raise ValueError(f"the preprocessing transforms {plain} are array transforms; use their dictionary "
@@ -354,7 +354,7 @@ class Preprocessing:
         try:
             data = compose({self.key: image})
         except Exception as err:  # noqa: BLE001 -- MONAI wraps any failing transform's error in RuntimeError
-            raise ValueError(f"preprocessing {self} fails on {volume.name!r}: {_short(err)}") from None
+            raise ValueError(f"preprocessing {self} fails on {volume.name!r}: {root_cause(err)}") from None
         out = data[self.key]
         label = None
         if volume.label is not None:
@@ -373,9 +373,9 @@ def _target_name(transform: Mapping[str, Any]) -> str:
     return str(transform.get("_target_", "")).rsplit(".", 1)[-1]
 
 
-def _short(err: BaseException) -> str:
-    """The underlying cause of an error MONAI nested (a transform's error inside "applying transform ..."),
-    as one line."""
+def root_cause(err: BaseException) -> str:
+    """The innermost cause of an error MONAI nested (a transform's error inside "applying transform ...", a
+    config's inside "Component to instantiate must ..."), as one line."""
     while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
         err = err.__cause__ or err.__context__  # type: ignore[assignment]
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
