@@ -181,7 +181,7 @@ def load_predictor(
         net, _ = build_model(root, None)
         extra = load_manifest(root).get("extra") or {}
         recorded = Preprocessing.from_manifest({"extra": extra})
-        window, default_overlap = extra.get("patch_size"), 0.25
+        window, default_overlap = extra.get("patch_size") or extra.get("patch"), 0.25  # compress's, train's
     elif is_bundle(root):
         from prunekit3d.sources.bundle import read_bundle
 
@@ -273,22 +273,18 @@ def predict(
     inputs: str | Path,
     out: str | Path,
     *,
-    preprocessing: str | Preprocessing | None = None,
-    spacing: Sequence[float] | None = None,
-    patch: Sequence[int] | None = None,
-    overlap: float | None = None,
-    device: str = "auto",
-    onednn: bool = True,
     backend: str = "torch",
     overwrite: bool = False,
     console: Console | None = None,
+    **options: Any,
 ) -> list[Path]:
     """Segment every case of ``inputs`` (a NIfTI file or a folder) with ``model``; one ``out/<case>.nii.gz`` each.
 
-    ``model`` is a prunekit3d artifact, a MONAI bundle folder or an nnU-Net model folder (see
-    :func:`load_predictor` for the options). Everything is checked before the first case runs: the model, every
-    input's header and channel count, and that no file would be written over an input or over a file
-    ``predict`` did not write.
+    ``model`` is a prunekit3d artifact, a MONAI bundle folder or an nnU-Net model folder; ``options`` are
+    :func:`load_predictor`'s (``preprocessing``, ``spacing``, ``patch``, ``overlap``, ``device``, ``onednn``).
+    Everything is checked before the first case runs: the model, every input's header and channel count, and
+    that no file would be written over an input or over a file ``predict`` did not write (``overwrite``
+    replaces only segmentations an earlier ``predict`` wrote into ``out``).
 
     Returns:
         The segmentation files written, in case order.
@@ -302,9 +298,9 @@ def predict(
     cases = find_cases(inputs, "INPUT")
     _check_out(out, [inputs, model, *(f for files in cases.values() for f in files)])
     if is_nnunet_folder(model):
-        return _predict_nnunet(model, inputs, out, device=device, overwrite=overwrite, console=console)
-    predictor = load_predictor(model, preprocessing=preprocessing, spacing=spacing, patch=patch, overlap=overlap,
-                               device=device, onednn=onednn, console=console)
+        return _predict_nnunet(model, inputs, out, device=options.get("device", "auto"), overwrite=overwrite,
+                               console=console)
+    predictor = load_predictor(model, console=console, **options)
     for name, files in cases.items():
         given = _channels(files)
         if given != predictor.in_channels:

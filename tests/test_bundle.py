@@ -189,7 +189,7 @@ def _bundle_run(bundle: Path, images: Path, pred: Path, *overrides: str, without
     runner = ["-c", f"import runpy, sys; {block}runpy.run_module('monai.bundle', run_name='__main__')"]
     args = ["run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
             "--dataset_dir", str(images), "--output_dir", str(pred), *overrides]
-    done = subprocess.run([sys.executable, *runner, *args], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, *runner, *args], capture_output=True, text=True, timeout=300, check=False,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -209,3 +209,16 @@ def test_write_bundle_never_overwrites_inputs_or_foreign_folders(tmp_path):
     assert (foreign / "keep.txt").read_text() == "mine"
     out = write_bundle(bundle, artifact, tmp_path / "small")
     assert write_bundle(bundle, artifact, out, overwrite=True) == out
+
+
+def test_slim_weights_fit_a_network_def_that_holds_the_slim_network_under_a_prefix():
+    from prunekit3d.sources.bundle import _FullResolution, _state_for
+
+    slim = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Conv3d(2, 3, 1))
+    holder = _FullResolution(torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Conv3d(2, 3, 1)))
+    state = _state_for(holder, slim.state_dict())
+    assert sorted(state) == sorted(holder.state_dict())
+    assert torch.equal(state["network.0.weight"], slim.state_dict()["0.weight"])
+    assert _state_for(slim, slim.state_dict()).keys() == slim.state_dict().keys()
+    with pytest.raises(ValueError, match="disagree"):
+        _state_for(torch.nn.Conv3d(1, 2, 3), slim.state_dict())

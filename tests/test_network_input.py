@@ -159,3 +159,22 @@ def test_preprocessing_never_changes_the_volume(text):
     before = v.image.copy()
     Preprocessing.parse(text).prepare(v)  # no resampling first: a transform would see the array itself
     assert np.array_equal(v.image, before)
+
+
+def test_artifacts_from_before_the_record_are_read_as_what_they_did():
+    assert Preprocessing.from_manifest({"extra": {"normalize": "zscore"}}) == Preprocessing("zscore")
+    fingerprint = [{"percentile_00_5": -980.0, "percentile_99_5": 240.0, "mean": 60.0, "std": 55.0}]
+    trained = {"extra": {"modalities": ["CT"], "fingerprint": fingerprint, "spacing": [1.5, 1.5, 3.0]}}
+    pre = Preprocessing.from_manifest(trained)
+    assert str(pre) == "ct:-980:240:60:55 [orientation RAS, spacing (1.5, 1.5, 3.0)]"
+    # ... which is what training fed the network (Normalise after orientation and resampling):
+    from monai.data import MetaTensor
+
+    from prunekit3d.data import Normalise
+
+    v = _volume()
+    expected = Normalise("image", ["CT"], fingerprint)({"image": MetaTensor(torch.from_numpy(v.image))})["image"]
+    assert torch.allclose(Preprocessing.from_dict({**pre.to_dict(), "spacing": None, "orientation": None}).apply(v),
+                          expected.as_tensor(), atol=1e-5)
+    assert Preprocessing.from_manifest({"extra": {"modalities": ["MR"], "fingerprint": fingerprint}}).scheme == "zscore"
+    assert Preprocessing.from_manifest({"extra": {"modalities": ["CT", "MR"], "fingerprint": fingerprint * 2}}) is None

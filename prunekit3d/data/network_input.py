@@ -295,9 +295,26 @@ class Preprocessing:
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> Preprocessing | None:
-        """The record an artifact's manifest (:func:`prunekit3d.load_manifest`) holds, or ``None``."""
-        data = (manifest.get("extra") or {}).get(EXTRA_KEY)
-        return None if data is None else cls.from_dict(data)
+        """The record an artifact's manifest (:func:`prunekit3d.load_manifest`) holds, or ``None``.
+
+        Artifacts written before the record existed are read too: ``compress``'s ``extra["normalize"]``
+        ("zscore" / "none") and ``train``'s single-modality ``extra["fingerprint"]`` (CT: clip to the
+        foreground's 0.5 / 99.5 percentiles, z-score with its mean / std; else per-image z-score; RAS, spacing).
+        """
+        extra = manifest.get("extra") or {}
+        if extra.get(EXTRA_KEY) is not None:
+            return cls.from_dict(extra[EXTRA_KEY])
+        if extra.get("normalize") in ("zscore", "none"):
+            return cls(extra["normalize"])
+        modalities, fingerprint = extra.get("modalities"), extra.get("fingerprint")
+        if isinstance(modalities, list) and len(modalities) == 1 and isinstance(fingerprint, list) and fingerprint:
+            spatial = {"spacing": extra.get("spacing"), "orientation": "RAS"}
+            if str(modalities[0]).upper() != "CT":
+                return cls("zscore", **spatial)
+            f = fingerprint[0]
+            return cls("ct", window=(f["percentile_00_5"], f["percentile_99_5"]), mean=f["mean"],
+                       std=max(f["std"], 1e-8), **spatial)
+        return None
 
     # ---- running it ------------------------------------------------------------------------------------
     def transform(self) -> Compose:

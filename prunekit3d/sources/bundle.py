@@ -26,7 +26,7 @@ import importlib.util
 import json
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,13 +204,15 @@ def read_bundle(path: str | Path) -> Bundle:
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-def _check_out(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+def _check_out(out: Path, source: Path, artifact: Path, overwrite: bool) -> None:
+    """``out`` may not be a file, lie in the source bundle (it is copied) or hold an input; a non-empty one is
+    replaced only with ``overwrite`` and only if prunekit3d wrote it."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; a bundle is a directory: pick another path")
     root = out.resolve()
-    for given in inputs:
+    for given, inside_ok in ((source, False), (artifact, True)):
         path = Path(given).resolve()
-        if path == root or root in path.parents or path in root.parents:
+        if path == root or root in path.parents or (not inside_ok and path in root.parents):
             raise ValueError(f"the output bundle {out} and the input {given} overlap; write it somewhere else")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -314,7 +316,7 @@ def write_bundle(
 
     source = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     out, artifact = Path(out), Path(artifact)
-    _check_out(out, [source.root, artifact], overwrite)
+    _check_out(out, source.root, artifact, overwrite)
     manifest = load_manifest(artifact)
     slim = load(artifact, model=None if manifest["model"].get("spec") else source.fresh_network()).eval()
     patch = source.patch or tuple((manifest.get("extra") or {}).get("patch_size") or (96, 96, 96))
