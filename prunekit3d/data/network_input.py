@@ -227,7 +227,7 @@ class Preprocessing:
         "transforms": [...]}``. ``spacing``/``orientation`` override the file's.
         """
         text = str(text).strip()
-        if text.endswith(".json") or Path(text).is_file():
+        if text.endswith(".json"):  # a file by its ending only: a file named "zscore" must not change the meaning
             record = cls._from_file(Path(text))
         else:
             record = cls._from_text(text)
