@@ -10,7 +10,7 @@ Usage::
 
     python benchmarks/preprocessing_mismatch.py [--out preprocessing_mismatch.json]
 
-About 15 s on 2 CPU cores.
+About 8 s of CPU time on 2 cores.
 """
 
 from __future__ import annotations
