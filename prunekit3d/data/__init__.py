@@ -3,7 +3,8 @@
 - :mod:`~prunekit3d.data.volumes`: NIfTI images and labels (files, folders, MSD folders) as :class:`Volume`.
 - :mod:`~prunekit3d.data.msd`: Medical Segmentation Decathlon data sets and their train/val split.
 - :mod:`~prunekit3d.data.preprocessing`: stored intensities -> network input (MONAI transforms, nnU-Net's
-  CT normalisation, the per-image z-score).
+  CT normalisation, the per-image z-score); :mod:`~prunekit3d.data.network_input`: the record of one
+  network's preprocessing (:class:`Preprocessing`), applied to an image and inverted for its prediction.
 - :mod:`~prunekit3d.data.patches`: random patches for training and distillation.
 """
 
@@ -11,7 +12,9 @@ from prunekit3d.data.msd import MSDDataset, read_msd, split_cases
 from prunekit3d.data.patches import PatchSampler, training_augmentation
 from prunekit3d.data.preprocessing import (
     NORMALISATIONS,
+    NetworkInput,
     Normalise,
+    Preprocessing,
     intensity_fingerprint,
     normalise_volume,
     preprocessing,
@@ -21,8 +24,10 @@ from prunekit3d.data.volumes import Volume, read_labels, read_volumes
 __all__ = [
     "MSDDataset",
     "NORMALISATIONS",
+    "NetworkInput",
     "Normalise",
     "PatchSampler",
+    "Preprocessing",
     "Volume",
     "intensity_fingerprint",
     "normalise_volume",

@@ -1,4 +1,9 @@
-"""Preprocessing: how stored intensities become the network's input, for training and for compression.
+"""Preprocessing: how stored intensities become the network's input, for training, compression and prediction.
+
+The record of one network's preprocessing (:class:`Preprocessing`, in :mod:`~prunekit3d.data.network_input`):
+named schemes (CT window, z-score over the image or its foreground, percentile clip, none), target spacing
+and orientation, or a MONAI transform list in bundle-config syntax; saved in the artifact, re-applied by
+``predict``, inverted onto the image's grid.
 
 Training (``prunekit3d train``) preprocesses each case with MONAI transforms, deterministic and cached once::
 
@@ -6,8 +11,8 @@ Training (``prunekit3d train``) preprocesses each case with MONAI transforms, de
 
 Normalisation per channel as nnU-Net does it (:class:`Normalise`): CT is clipped to the 0.5 / 99.5
 percentiles of the training set's foreground intensities and z-scored with their mean and std
-(:func:`intensity_fingerprint`); every other modality is z-scored per image. Compression normalises the
-calibration volumes it is given with :func:`normalise_volume` ("zscore" per image and channel, or "none").
+(:func:`intensity_fingerprint`); every other modality is z-scored per image. :func:`normalise_volume` is
+the older name of the two simplest records ("zscore" per image and channel, or "none").
 """
 
 from __future__ import annotations
@@ -22,9 +27,22 @@ from monai.config import KeysCollection
 from monai.transforms import Compose, EnsureTyped, LoadImaged, MapTransform, Orientationd, Spacingd
 
 from prunekit3d.data.msd import MSDDataset
+from prunekit3d.data.network_input import EXTRA_KEY, PARSE_HELP, SCHEMES, NetworkInput, Preprocessing
 from prunekit3d.data.volumes import Volume
 
-__all__ = ["KEYS", "NORMALISATIONS", "Normalise", "intensity_fingerprint", "normalise_volume", "preprocessing"]
+__all__ = [
+    "EXTRA_KEY",
+    "KEYS",
+    "NORMALISATIONS",
+    "PARSE_HELP",
+    "SCHEMES",
+    "NetworkInput",
+    "Normalise",
+    "Preprocessing",
+    "intensity_fingerprint",
+    "normalise_volume",
+    "preprocessing",
+]
 
 #: The keys of a case dict: the image and its label.
 KEYS = ["image", "label"]
@@ -33,12 +51,11 @@ NORMALISATIONS = ("zscore", "none")
 
 
 def normalise_volume(volume: Volume, how: str) -> torch.Tensor:
-    """A calibration volume as a float32 tensor ``(C, X, Y, Z)``: z-scored per channel, or as stored."""
-    x = torch.from_numpy(np.ascontiguousarray(volume.image, dtype=np.float32))
-    if how == "zscore":
-        dims = tuple(range(1, x.dim()))
-        x = (x - x.mean(dims, keepdim=True)) / x.std(dims, keepdim=True).clamp_min(1e-8)
-    return x
+    """A calibration volume as a float32 tensor ``(C, X, Y, Z)``: z-scored per channel, or as stored
+    (the records ``Preprocessing("zscore")`` and ``Preprocessing("none")``)."""
+    if how not in NORMALISATIONS:
+        raise ValueError(f"normalise_volume: {how!r} is not one of {list(NORMALISATIONS)}")
+    return Preprocessing(how).apply(volume)
 
 
 def _load_pair(files: Mapping[str, Any], channels: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from prunekit3d.io.errors import first_line
 
-__all__ = ["IMAGE_ENDINGS", "NIFTI", "Volume", "case_name", "read_labels", "read_volumes"]
+__all__ = ["IMAGE_ENDINGS", "NIFTI", "Volume", "case_name", "find_cases", "read_case", "read_labels", "read_volumes"]
 
 NIFTI = (".nii.gz", ".nii")
 #: Endings stripped from file names to get case names (NIfTI, and what nnU-Net data sets also use).
@@ -25,12 +25,14 @@ IMAGE_ENDINGS = (*NIFTI, ".mha", ".nrrd")
 
 @dataclass
 class Volume:
-    """One calibration case: ``image`` is ``(C, X, Y, Z)`` float32 as stored; ``label`` ``(X, Y, Z)`` or ``None``."""
+    """One case: ``image`` is ``(C, X, Y, Z)`` float32 as stored; ``label`` ``(X, Y, Z)`` or ``None``;
+    ``affine`` the 4x4 voxel-to-world (RAS mm) matrix of its (first) file, or ``None`` if unknown."""
 
     name: str
     image: np.ndarray
     label: np.ndarray | None = None
     source: str = ""
+    affine: np.ndarray | None = None
 
 
 def case_name(path: str | Path) -> str:
@@ -55,6 +57,12 @@ def _read_nifti(path: Path) -> np.ndarray:
         raise ValueError(f"{path} is a {data.ndim}-D image {data.shape}; calibration images are 3-D volumes "
                          "(X, Y, Z), or 4-D with channels last")
     return data
+
+
+def _affine(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).affine, dtype=np.float64)  # the header only: the data stay on disk
 
 
 def _image(paths: list[Path]) -> np.ndarray:
@@ -83,12 +91,13 @@ def _group_channels(files: list[Path]) -> dict[str, list[Path]]:
     return {case_name(f): [f] for f in files}
 
 
-def read_volumes(path: str | Path, what: str = "--calib") -> list[Volume]:
-    """The images of a NIfTI file, a folder of NIfTI files or an MSD data set folder.
+def find_cases(path: str | Path, what: str = "--calib") -> dict[str, list[Path]]:
+    """The cases of a NIfTI file, a folder of NIfTI files or an MSD data set folder, without reading them:
+    ``{case name: [image file per channel]}`` (nnU-Net's ``case_0000``, ``case_0001`` ... files grouped).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: no image found, or one cannot be read.
+        ValueError: no image found.
     """
     path = Path(path)
     hint = "pass a NIfTI file (.nii, .nii.gz), a folder of them, or an MSD data set folder (dataset.json)"
@@ -97,18 +106,35 @@ def read_volumes(path: str | Path, what: str = "--calib") -> list[Volume]:
     if path.is_file():
         if not path.name.endswith(NIFTI):
             raise ValueError(f"{what} {path} is not a NIfTI file; {hint}")
-        cases = {case_name(path): [path]}
-    elif (path / "dataset.json").is_file():
+        return {case_name(path): [path]}
+    if (path / "dataset.json").is_file():
         from prunekit3d.data.msd import read_msd  # msd reads its cases' names through this module
 
         dataset = read_msd(path)
-        cases = {name: [Path(p) for p in np.atleast_1d(files["image"])] for name, files in dataset.cases.items()}
-    else:
-        files = _nifti_files(path)
-        if not files:
-            raise ValueError(f"{what} {path} holds no NIfTI image (.nii, .nii.gz); {hint}")
-        cases = _group_channels(files)
-    return [Volume(name, _image(files), source=str(files[0])) for name, files in cases.items()]
+        return {name: [Path(p) for p in np.atleast_1d(files["image"])] for name, files in dataset.cases.items()}
+    files = _nifti_files(path)
+    if not files:
+        raise ValueError(f"{what} {path} holds no NIfTI image (.nii, .nii.gz); {hint}")
+    return _group_channels(files)
+
+
+def read_case(name: str, files: list[Path]) -> Volume:
+    """One case of :func:`find_cases` read: its image (channel files stacked) and the first file's affine.
+
+    Raises:
+        ValueError: a file cannot be read, or the channel files do not fit together.
+    """
+    return Volume(name, _image(files), source=str(files[0]), affine=_affine(files[0]))
+
+
+def read_volumes(path: str | Path, what: str = "--calib") -> list[Volume]:
+    """The images of a NIfTI file, a folder of NIfTI files or an MSD data set folder (:func:`find_cases`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: no image found, or one cannot be read.
+    """
+    return [read_case(name, files) for name, files in find_cases(path, what).items()]
 
 
 def read_labels(path: str | Path, volumes: list[Volume]) -> None:

@@ -2,6 +2,8 @@
 
 - :mod:`~prunekit3d.sources.state_dict`: a prunekit3d artifact, or a state dict (``.pt``/``.pth``/
   ``.safetensors``) plus the network's spec.
+- :mod:`~prunekit3d.sources.bundle`: a MONAI bundle (network_def, weights, preprocessing, inferer), and the
+  compressed network written back as a bundle.
 """
 
 from prunekit3d.sources.state_dict import build_model, check_3d, first_conv, fit_weights, model_spec, read_state_dict

@@ -6,8 +6,9 @@
     CHECKPOINT (.pt/.pth, .safetensors) + model spec  --from_spec, check 3-D, check every tensor, load--> model
 
 A ``.pt``/``.pth`` file is read with ``torch.load(weights_only=True)`` (never unpickling code) and may hold
-the state dict itself or inside ``{"state_dict": ...}`` / ``{"network_weights": ...}`` (nnU-Net); the spec is
-``--model DOTTED.PATH --model-kwargs JSON`` or ``--spec FILE`` (JSON, see :func:`prunekit3d.from_spec`).
+the state dict itself or inside ``{"state_dict": ...}`` / ``{"network_weights": ...}`` (nnU-Net) /
+``{"model": ...}`` (MONAI bundles); the spec is ``--model DOTTED.PATH --model-kwargs JSON`` or ``--spec FILE``
+(JSON, see :func:`prunekit3d.from_spec`).
 Nothing is ever written next to the input.
 """
 
@@ -30,8 +31,9 @@ from prunekit3d.io.errors import first_line
 
 __all__ = ["build_model", "check_3d", "first_conv", "fit_weights", "model_spec", "read_state_dict"]
 
-#: Keys under which training frameworks nest the weights (Lightning / MONAI, nnU-Net).
-NESTED_KEYS = ("state_dict", "network_weights")
+#: Keys under which training frameworks nest the weights (Lightning / MONAI, nnU-Net, a MONAI bundle's
+#: CheckpointSaver when it saves more than the model).
+NESTED_KEYS = ("state_dict", "network_weights", "model")
 
 
 def model_spec(
