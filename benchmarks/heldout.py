@@ -88,22 +88,25 @@ def build(name: str) -> nn.Module:
 
 def fit(model: nn.Module, image: torch.Tensor, label: torch.Tensor, iterations: int, seed: int,
         console: Console, title: str) -> nn.Module:
-    """Supervised training on the training slab (Dice + CE, Adam, poly decay, random patches)."""
+    """Supervised training on the training slab (Dice + CE, Adam, poly decay, patches centred on the foreground
+    half of the time, rotated, flipped and intensity-jittered)."""
     from prunekit3d.recipes.demo import fit_supervised
 
-    return fit_supervised(model, [image], [label], PATCH, iterations, seed=seed, console=console, title=title)
+    return fit_supervised(model, [image], [label], PATCH, iterations, seed=seed, console=console, title=title,
+                          augment=True)
 
 
 def scores(model: nn.Module, reference: nn.Module | None, image: torch.Tensor, label: torch.Tensor,
-           spacing: tuple[float, ...]) -> dict[str, float]:
-    """Held-out Dice and NSD (mean over the classes present in the labels) and agreement with ``reference``."""
+           spacing: tuple[float, ...], scored: slice) -> dict[str, float]:
+    """Held-out Dice and NSD (mean over the classes present in the labels) and agreement with ``reference``, on
+    the ``scored`` slices of ``image`` (predicted whole, as inference sees a scan)."""
     from prunekit3d.evaluate import dice_and_nsd
 
-    logits = sliding_window_logits(model.eval(), image, PATCH)
+    logits = sliding_window_logits(model.eval(), image, PATCH)[..., scored]
     dsc, nsd = dice_and_nsd(logits, label, spacing, tolerance=max(spacing))
     out = {"dice": float(np.nanmean(dsc.numpy())), "nsd": float(np.nanmean(nsd.numpy()))}
     if reference is not None:
-        ref = sliding_window_logits(reference.eval(), image, PATCH)
+        ref = sliding_window_logits(reference.eval(), image, PATCH)[..., scored]
         out["agreement"] = mean_dice(segmentation(ref), segmentation(logits), ref.shape[0])
     return out
 
@@ -127,11 +130,12 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--budgets", nargs="+", default=[f"{k}={v}" for k, v in BUDGETS],
                         help="e.g. target_flops=0.3 target_params=0.3")
-    parser.add_argument("--iterations", type=int, default=400, help="training steps of baselines and plain students")
+    parser.add_argument("--iterations", type=int, default=1000, help="training steps of baselines and plain students")
     parser.add_argument("--student-budget", default="target_flops=0.3",
                         help="the budget whose architecture is also trained from scratch ('' for none)")
     parser.add_argument("--compress", default="{}", help="extra CompressConfig settings as JSON (ablations)")
     parser.add_argument("--out", type=Path, default=Path("heldout-results"))
+    parser.add_argument("--baselines", type=Path, help="where trained baselines are kept and reused (default: --out)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -181,19 +185,19 @@ def _prepare(split: Any, folder: Path) -> dict[str, Any]:
     for case in split.calibration:
         img = nib.load(str(case.image))
         nib.save(nib.Nifti1Image(window(np.asanyarray(img.dataobj)).numpy(), img.affine), str(calib / case.image.name))
-    out: dict[str, Any] = {"calib": calib}
-    for part in ("train", "evaluation"):
-        case = getattr(split, part)
-        (volume,) = read_volumes(case.image)
-        read_labels(case.label, [volume])
-        spacing = tuple(float(s) for s in nib.load(str(case.image)).header.get_zooms()[:3])
-        tensors = (window(volume.image), torch.from_numpy(volume.label))
-        out["train" if part == "train" else "eval"] = (*tensors, spacing) if part == "evaluation" else tensors
-    return out
+    (train,) = read_volumes(split.train.image)
+    read_labels(split.train.label, [train])
+    (evaluation,) = read_volumes(split.evaluation.image)
+    read_labels(split.evaluation.label, [evaluation])
+    (scan,) = read_volumes(split.context)
+    spacing = tuple(float(s) for s in nib.load(str(split.evaluation.image)).header.get_zooms()[:3])
+    scored = slice(split.evaluation.slices.start, split.evaluation.slices.stop)
+    return {"calib": calib, "train": (window(train.image), torch.from_numpy(train.label)),
+            "eval": (window(scan.image), torch.from_numpy(evaluation.label), spacing, scored)}
 
 
 def _baseline(family: str, data: dict[str, Any], args: argparse.Namespace, console: Console) -> nn.Module:
-    path = args.out / family / "baseline.safetensors"
+    path = (args.baselines or args.out) / family / "baseline.safetensors"
     model = build(family)
     if path.is_file():
         from prunekit3d.sources import fit_weights, read_state_dict
@@ -215,9 +219,9 @@ def _compress(family: str, baseline: nn.Module, data: dict[str, Any], kind: str,
 
     out = args.out / family / f"{kind}-{value:g}"
     spec = FAMILIES[family]
-    config = CompressConfig(checkpoint=str(args.out / family / "baseline.safetensors"), out=str(out),
+    config = CompressConfig(checkpoint=str((args.baselines or args.out) / family / "baseline.safetensors"), out=str(out),
                             calib=str(data["calib"]), spec=None, model=spec["import_path"],
-                            model_kwargs=spec["kwargs"], normalize="none", patch=PATCH, device="cpu",
+                            model_kwargs=spec["kwargs"], preprocessing="none", patch=PATCH, device="cpu",
                             overwrite=True, **{kind: value}, **extra)
     started = time.perf_counter()
     result = compress(config, console=console)

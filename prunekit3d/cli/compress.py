@@ -11,6 +11,7 @@ import argparse
 import json
 
 from prunekit3d.cli.arguments import add_model_arguments
+from prunekit3d.data.network_input import PARSE_HELP
 
 __all__ = ["COMMAND", "add_compress_arguments", "run_compress"]
 
@@ -29,8 +30,11 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                       help="NIfTI file, folder of them, or MSD data set folder")
     data.add_argument("--labels", default=s, metavar="PATH",
                       help="labels of the calibration images: adds a supervised loss")
-    data.add_argument("--normalize", choices=["zscore", "none"], default=s,
-                      help="intensities: per-image z-score or as stored (zscore)")
+    data.add_argument("--preprocessing", default=s, metavar="SCHEME",
+                      help="the network's own preprocessing, recorded and re-applied by predict: " + PARSE_HELP
+                      + " (zscore)")
+    data.add_argument("--spacing", type=float, nargs=3, default=s, metavar="MM",
+                      help="resample the calibration images to this spacing first")
     data.add_argument("--holdout", type=float, default=s, metavar="F",
                       help="fraction of the calibration data never distilled on, where agreement is measured (0.2)")
     data.add_argument("--min-agreement", type=float, default=s, metavar="A",

@@ -34,7 +34,7 @@ from monai.transforms import (
 
 from prunekit3d.data.preprocessing import KEYS
 
-__all__ = ["PatchSampler", "distillation_augmentation", "patch_crop", "training_augmentation"]
+__all__ = ["PatchSampler", "distillation_augmentation", "labelled_augmentation", "patch_crop", "training_augmentation"]
 
 _INDICES = ["label_fg", "label_bg"]
 
@@ -60,15 +60,23 @@ def patch_crop(patch: Sequence[int], foreground_fraction: float) -> tuple[list, 
 def training_augmentation(pre: Compose, patch: Sequence[int], foreground_fraction: float) -> Compose:
     """``pre``, then :func:`patch_crop` (its deterministic part cached with ``pre`` by a CacheDataset), then
     rotation and a flip along each axis."""
-    angle = math.radians(15)
     fixed, random = patch_crop(patch, foreground_fraction)
-    return Compose([
-        *pre.transforms,
-        *fixed,
-        *random,
+    return Compose([*pre.transforms, *fixed, *random, *_rotate_and_flip()])
+
+
+def _rotate_and_flip() -> list:
+    angle = math.radians(15)
+    return [
         RandRotated(KEYS, range_x=angle, range_y=angle, range_z=angle, prob=0.2, mode=("bilinear", "nearest")),
         *(RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)),
-    ])
+    ]
+
+
+def labelled_augmentation() -> list:
+    """For supervised patches of volumes in memory: training's rotation and flips, and a small intensity
+    scale and shift (the labels follow the geometry)."""
+    return [*_rotate_and_flip(), RandScaleIntensityd("image", factors=0.1, prob=0.3),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.3)]
 
 
 def distillation_augmentation() -> list:

@@ -3,13 +3,17 @@
 The labeled CT (``imagesTr/ct_abdomen.nii.gz``, 30 slices) is slices 82-111 of the full 112-slice scan
 (``unlabeled/ct_abdomen_full.nii.gz``, no labels). Along z (the scan's slice axis)::
 
-    full CT slices   0 ............ 81 | 82 ..... 91 | 92 ........... 111
-                     unlabeled          | EVALUATION  | TRAINING (labeled)
-    labeled slices                      |  0 ...... 9 | 10 ............ 29
+    full CT slices   0 ... 26 | 27 ... 54 | 55 ... 81 | 82 ..... 91 | 92 ........... 111
+                     unlabeled, three parts            | EVALUATION  | TRAINING (labeled)
+    labeled slices                                     |  0 ...... 9 | 10 ............ 29
 
 - ``train``: labeled slices 10-29 (liver, kidneys, spleen) -- baselines are trained on them;
-- ``calibration``: unlabeled images for label-free compression: the training slab and full-CT slices 0-81;
+- ``calibration``: unlabeled images for label-free compression, four volumes: the training slab
+  (``abdomen``) and the three parts of full-CT slices 0-81 (``lower_1`` .. ``lower_3``; compress holds out the
+  last by name, the one next to the evaluation slab, to measure agreement);
 - ``evaluation``: labeled slices 0-9 (all three organs), never part of training, calibration or distillation.
+  A network is scored on them as inference sees them: predicted within the whole scan (``context``), whose
+  other slices are the training and calibration parts, and cut to the slab (``Case.slices``) afterwards.
 
 Every part is written as its own NIfTI file (labels in a ``labels/`` folder beside it, named like the
 image) with the affine of its first slice, so predictions land on the scan's grid. Intensities stay in Hounsfield units; preprocessing is the user's choice.
@@ -51,6 +55,7 @@ class HeldoutSplit:
     train: Case
     calibration: tuple[Case, ...]
     evaluation: Case
+    context: Path
 
     @property
     def calibration_dir(self) -> Path:
@@ -96,9 +101,11 @@ def heldout_split(out: str | Path) -> HeldoutSplit:
         return Case(image, label, slices)
 
     train = shifted(TRAIN_SLICES)
+    thirds = [round(i * LABELED_OFFSET / 3) for i in range(4)]
     return HeldoutSplit(
         train=write("train", "train", train, True),
-        calibration=(write("calibration", "calib_lower", range(0, LABELED_OFFSET), False),
-                     write("calibration", "calib_train", train, False)),
+        calibration=(write("calibration", "abdomen", train, False),
+                     *(write("calibration", f"lower_{i + 1}", range(thirds[i], thirds[i + 1]), False) for i in range(3))),
         evaluation=write("evaluation", "evaluation", shifted(EVALUATION_SLICES), True),
+        context=root / "unlabeled" / "ct_abdomen_full.nii.gz",
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from prunekit3d.data.preprocessing import NORMALISATIONS
+from prunekit3d.data.network_input import Preprocessing
 
 __all__ = ["CompressConfig"]
 
@@ -25,9 +25,14 @@ class CompressConfig:
         spec: a JSON file ``{"import_path": ..., "kwargs": ...}`` / ``{"name": ...}``.
         calib: calibration images: a NIfTI file, a folder of them, or an MSD data set folder.
         labels: labels of the calibration images (a supervised loss is added to the distillation).
-        normalize: "zscore" (per image and channel) or "none" (fed as stored).
+        preprocessing: how the calibration images become the network's input -- the preprocessing the network
+            was trained with: "zscore", "zscore:nonzero", "ct:LO:HI", "ct:LO:HI:MEAN:STD", "percentile:LO:HI",
+            "none" or a JSON file (:class:`~prunekit3d.data.network_input.Preprocessing`). Recorded in the
+            artifact; ``prunekit3d predict`` re-applies it.
+        spacing: resample the calibration images to this voxel spacing (mm) first; ``None`` keeps theirs.
         holdout: fraction of the calibration data never distilled on, to measure agreement on unseen data
-            (whole volumes when there are at least five, else the end slab of every volume; 0 = none).
+            (``round(holdout * n)`` whole volumes, at least one, the last by name; with a single volume a slab
+            of it; 0 = none).
         min_agreement: warn when the held-out agreement with the original ends below this.
         out: the output directory.
         overwrite: replace a non-empty ``out``.
@@ -70,7 +75,8 @@ class CompressConfig:
     model_kwargs: dict[str, Any] | None = None
     spec: str | None = None
     labels: str | None = None
-    normalize: str = "zscore"
+    preprocessing: str = "zscore"
+    spacing: tuple[float, float, float] | None = None
     holdout: float = 0.2
     min_agreement: float = 0.95
     target_params: float | None = None
@@ -106,6 +112,8 @@ class CompressConfig:
         for name in ("spec", "labels"):
             value = getattr(self, name)
             setattr(self, name, None if value is None else str(value))
+        if self.spacing is not None:
+            self.spacing = tuple(float(v) for v in self.spacing)  # type: ignore[assignment]
         values = [self.patch] if isinstance(self.patch, int) else list(self.patch)
         self.patch = tuple(int(v) for v in (values * 3 if len(values) == 1 else values))  # type: ignore[assignment]
         rules = {
@@ -116,7 +124,6 @@ class CompressConfig:
             "0 < target_latency <= 1": self.target_latency is None or 0 < self.target_latency <= 1,
             "0 < channels < 1 (the fraction of channels removed)": self.channels is None or 0 < self.channels < 1,
             "patch: 3 sizes >= 1": len(self.patch) == 3 and min(self.patch) >= 1,
-            f"normalize in {list(NORMALISATIONS)}": self.normalize in NORMALISATIONS,
             "batch >= 1": self.batch >= 1,
             "epochs, blockwise_epochs, finetune_epochs >= 0":
                 min(self.epochs, self.blockwise_epochs, self.finetune_epochs) >= 0,
@@ -135,6 +142,7 @@ class CompressConfig:
         broken = [rule for rule, ok in rules.items() if not ok]
         if broken:
             raise ValueError(f"invalid compress settings: needs {'; '.join(broken)}")
+        self.record()  # a preprocessing that does not parse fails here, in one line
 
     @property
     def budget(self) -> tuple[str, float] | None:
@@ -147,9 +155,14 @@ class CompressConfig:
             return "latency", float(self.target_latency)
         return None
 
+    def record(self) -> Preprocessing:
+        """The preprocessing as a record (what the artifact stores)."""
+        return Preprocessing.parse(self.preprocessing, self.spacing)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["patch"] = list(self.patch)
+        data["spacing"] = None if self.spacing is None else list(self.spacing)
         return data
 
     @classmethod

@@ -17,7 +17,6 @@ from typing import Any
 from rich.table import Table
 from torch import nn
 
-from prunekit3d.evaluate import label_dice
 from prunekit3d.io import save
 from prunekit3d.io.files import atomic_directory
 from prunekit3d.recipes.compress.run import CompressRun
@@ -92,9 +91,9 @@ def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], 
     }
     if run.split.labels is not None:
         part = "held_out" if held_out is not None else "distill"
-        images, labels = run.split.images[part], run.split.labels[part]
-        report["dice_vs_labels_before"] = label_dice(run.teacher, images, labels, run.patch)
-        report["dice_vs_labels_after"] = label_dice(model, images, labels, run.patch)
+        labels = [y.long() for y in run.split.labels[part]]
+        report["dice_vs_labels_before"] = run.mean_dice(run.teacher, labels, part)
+        report["dice_vs_labels_after"] = run.mean_dice(model, labels, part)
     if budget is not None:
         kind, ratio = budget
         key = "latency_ms" if kind == "latency" else kind
@@ -120,7 +119,7 @@ def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], 
     report["before"], report["after"] = before.to_dict(), after.to_dict()
     report["calibration"] = {
         "images": len(run.split.images["distill"]), "held_out": run.split.description, "patch": list(run.patch),
-        "normalize": run.cfg.normalize,
+        "preprocessing": str(run.preprocessing),
     }
     report["timings_s"] = run.state["timings"]
     report["config"] = run.cfg.to_dict()
@@ -161,7 +160,8 @@ def write_result(
     """``DIR``: the artifact, ``report.json`` and ``report.md``, written beside it and renamed into place."""
     plans = [p for h in run.state.get("pruner", []) if h.get("kind") == "prune" for p in [h.get("plan")] if p]
     extra = {"compress": {k: report[k] for k in ("params_before", "params_after", "agreement_dice", "budget")},
-             "patch_size": list(run.patch), "normalize": run.cfg.normalize}
+             "patch_size": list(run.patch)}
+    extra = run.preprocessing.into_extra(extra)
     with atomic_directory(run.out, overwrite=run.cfg.overwrite) as tmp:
         save(model, tmp, spec=run.spec, plans=plans, extra=extra)
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from prunekit3d.data import PatchSampler, normalise_volume, read_labels, read_volumes
+from prunekit3d.data import PatchSampler, read_labels, read_volumes
 from prunekit3d.data.patches import distillation_augmentation
 from prunekit3d.evaluate import mean_dice, output_logits, segmentation, sliding_window_logits
 from prunekit3d.io.errors import first_line
@@ -58,41 +58,70 @@ class HeldOut:
 
     Attributes:
         images, labels: ``{"distill": [...], "held_out": [...]}`` tensors (labels ``None`` without labels).
+            A held-out slab is kept as its whole volume: it is predicted with its context, as inference sees
+            it (a slab thinner than a patch would otherwise be mostly padding), and scored on ``scored`` only.
+        scored: per held-out image, the index of the region scored (``None``: all of it).
         description: what was held out, in words (for the report).
     """
 
     images: dict[str, list[torch.Tensor]]
     labels: dict[str, list[torch.Tensor]] | None
+    scored: list[tuple | None]
     description: str
 
 
 def hold_out(names: Sequence[str], images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None,
-             fraction: float) -> HeldOut:
-    """Keep ``fraction`` of the calibration data out of distillation: whole volumes (the last by name) when
-    there are at least five, else a slab of that fraction at the end of the last axis of every volume."""
+             fraction: float, patch: Sequence[int], foreground: Sequence[torch.Tensor]) -> HeldOut:
+    """Keep ``fraction`` of the calibration data out of distillation: ``round(fraction * n)`` whole volumes (at
+    least one; the last by name), or with a single volume a slab of that fraction at one end of one of its
+    axes (see the comment below; ``foreground`` is the original's segmentation, ``> 0`` where it sees something).
+    A slab is anatomy distillation never saw, next to what it did: a stricter test than another patient's
+    volume, and the only one a single volume allows."""
     order = sorted(range(len(images)), key=lambda i: names[i])
-    if fraction <= 0:
-        split = {"distill": order, "held_out": []}
-    elif len(images) >= 5:
-        n = max(1, round(fraction * len(images)))
-        split = {"distill": order[:-n], "held_out": order[-n:]}
-    else:
-        split = None
-    if split is not None:
+    if fraction <= 0 or len(images) >= 2:
+        n = max(1, round(fraction * len(images))) if fraction > 0 else 0
+        split = {"distill": order[: len(order) - n], "held_out": order[len(order) - n:]}
         pick = lambda seq, part: [seq[i] for i in split[part]]  # noqa: E731
         held = [names[i] for i in split["held_out"]]
         words = f"{len(held)} of {len(images)} calibration volumes ({', '.join(held)})" if held else "nothing"
         return HeldOut({p: pick(images, p) for p in split}, {p: pick(labels, p) for p in split} if labels else None,
-                       words)
-    cut = [max(1, round(x.shape[-1] * fraction)) for x in images]
-    parts = {"distill": [x[..., : x.shape[-1] - c] for x, c in zip(images, cut)],
-             "held_out": [x[..., x.shape[-1] - c:] for x, c in zip(images, cut)]}
-    label_parts = None if labels is None else {
-        "distill": [y[..., : y.shape[-1] - c] for y, c in zip(labels, cut)],
-        "held_out": [y[..., y.shape[-1] - c:] for y, c in zip(labels, cut)]}
-    words = (f"the last {fraction:.0%} of the last axis of each of the {len(images)} calibration volume(s) "
-             f"({sum(cut)} slice(s))")
-    return HeldOut(parts, label_parts, words)
+                       [None] * n, words)
+    # A slab of the one volume: across an axis where what distillation keeps still holds whole patches (a volume
+    # cut thinner than the patch trains on padding, which the network never meets again), and at whichever end
+    # holds the share of the original's foreground closest to the whole volume's, so that it is representative.
+    room = [min(x.shape[1 + a] * (1 - fraction) - patch[a] for x in images) for a in range(3)]
+    axes = [a for a in range(3) if room[a] >= 0] or [int(np.argmax(room))]
+    candidates = [(axis, end) for axis in axes for end in (True, False)]
+
+    def held(t: torch.Tensor, axis: int, end: bool) -> tuple[int, int]:
+        n = t.shape[t.dim() - 3 + axis]
+        k = max(1, round(n * fraction))
+        return (n - k, k) if end else (0, k)
+
+    def unrepresentative(axis: int, end: bool) -> float:
+        gap = 0.0
+        for f in foreground:
+            start, k = held(f, axis, end)
+            gap += abs(float(f.narrow(f.dim() - 3 + axis, start, k).float().mean()) - float(f.float().mean()))
+        return gap
+
+    axis, end = min(candidates, key=lambda c: unrepresentative(*c))
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        start, k = held(t, axis, end)
+        dim, n = t.dim() - 3 + axis, t.shape[t.dim() - 3 + axis]
+        return t.narrow(dim, 0, start) if end else t.narrow(dim, k, n - k)
+
+    def region(t: torch.Tensor) -> tuple:
+        start, k = held(t, axis, end)
+        return (Ellipsis, slice(start, start + k), *([slice(None)] * (2 - axis)))
+
+    label_parts = None if labels is None else {"distill": [keep(y) for y in labels], "held_out": list(labels)}
+    side = "last" if end else "first"
+    words = (f"the {side} {fraction:.0%} of spatial axis {axis} of each of the {len(images)} calibration volume(s) "
+             f"({sum(held(x, axis, end)[1] for x in images)} voxel slice(s), predicted within their volume)")
+    return HeldOut({"distill": [keep(x) for x in images], "held_out": list(images)}, label_parts,
+                   [region(x) for x in images], words)
 
 
 class CompressRun:
@@ -150,13 +179,16 @@ class CompressRun:
                 f"(its first convolution {name!r}); pass images with {conv.in_channels} channel(s)"
             )
         self.in_channels = conv.in_channels
-        images = [normalise_volume(v, cfg.normalize) for v in volumes]
-        labels = [torch.from_numpy(v.label) for v in volumes] if cfg.labels is not None else None
+        self.preprocessing = cfg.record()
+        prepared = [self.preprocessing.prepare(v) for v in volumes]
+        images = [p.image for p in prepared]
+        labels = [p.label.long() for p in prepared] if cfg.labels is not None else None  # resampled with the image
         self.patch = self._fit_patch(cfg.patch, images)
         self.example = torch.zeros(1, self.in_channels, *self.patch)
         self.teacher.to(self.device)
-        self.split = hold_out([v.name for v in volumes], images, labels, cfg.holdout)
         self.teacher.eval()
+        foreground = [self.segment(self.teacher, x) > 0 for x in images]
+        self.split = hold_out([v.name for v in volumes], images, labels, cfg.holdout, self.patch, foreground)
         # The original's own segmentation: where distillation patches centre, and what agreement compares with.
         self.teacher_seg = {part: [self.segment(self.teacher, x) for x in self.split.images[part]]
                             for part in ("distill", "held_out")}
@@ -175,10 +207,18 @@ class CompressRun:
         return segmentation(sliding_window_logits(model.eval(), image, self.patch))
 
     def agreement(self, model: nn.Module, part: str = "held_out") -> float:
-        """Mean Dice of ``model``'s segmentations with the original's on the ``part`` volumes."""
+        """Mean Dice of ``model``'s segmentations with the original's on the ``part`` volumes (held out: on the
+        scored region of each)."""
+        return self.mean_dice(model, self.teacher_seg[part], part)
+
+    def mean_dice(self, model: nn.Module, references: Sequence[torch.Tensor], part: str) -> float:
+        """Mean Dice of ``model``'s segmentations of the ``part`` volumes with ``references`` (their scored region)."""
         classes = max(2, int(output_logits(self.teacher(self.example.to(self.device))).shape[1]))
-        scores = [mean_dice(reference, self.segment(model, x), classes)
-                  for x, reference in zip(self.split.images[part], self.teacher_seg[part])]
+        regions = self.split.scored if part == "held_out" else [None] * len(references)
+        scores = []
+        for x, reference, region in zip(self.split.images[part], references, regions):
+            pick = region if region is not None else (Ellipsis,)
+            scores.append(mean_dice(reference[pick], self.segment(model, x)[pick], classes))
         return float(np.mean(scores))
 
     def _runs(self, patch: Sequence[int]) -> Exception | None:
