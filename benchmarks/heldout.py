@@ -128,7 +128,7 @@ def costs(model: nn.Module, reference: nn.Module) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--budgets", nargs="+", default=[f"{k}={v}" for k, v in BUDGETS],
+    parser.add_argument("--budgets", nargs="*", default=[f"{k}={v}" for k, v in BUDGETS],
                         help="e.g. target_flops=0.3 target_params=0.3")
     parser.add_argument("--iterations", type=int, default=1000, help="training steps of baselines and plain students")
     parser.add_argument("--student-budget", default="target_flops=0.3",
