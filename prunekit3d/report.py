@@ -30,7 +30,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -38,7 +37,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +45,7 @@ from rich.table import Table
 from torch import nn
 
 from prunekit3d.modes import eval_mode
+from prunekit3d.records import JsonRecord
 from prunekit3d.wrap import unwrap
 
 __all__ = [
@@ -61,7 +61,7 @@ __all__ = [
 
 
 @dataclass
-class ModelReport:
+class ModelReport(JsonRecord):
     """The costs of one network at one input size. Round-trips through JSON; prints as a rich table.
 
     Attributes:
@@ -79,6 +79,8 @@ class ModelReport:
         unsupported_ops: operators fvcore did not count (element-wise ops, some upsampling), with counts.
     """
 
+    record_name = "model report"
+
     name: str
     input_size: list[int]
     device: str
@@ -91,24 +93,6 @@ class ModelReport:
     peak_memory_train_step_mb: float | None = None
     memory_method: str = ""
     unsupported_ops: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelReport:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"not a model report: unknown keys {unknown}; expected {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelReport:
-        return cls.from_dict(json.loads(text))
 
     def quantities(self) -> list[tuple[str, float | None, str]]:
         """``(quantity, value, formatted value)`` in the order the tables print them."""

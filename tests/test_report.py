@@ -102,7 +102,7 @@ def test_report_round_trips_and_prints() -> None:
     report = measure(_net(), (1, 1, 16, 16, 16), repeats=1, warmup=0)
     again = ModelReport.from_json(report.to_json())
     assert again == report
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown model report keys"):
         ModelReport.from_dict({**report.to_dict(), "speed": 1})
     console = Console(record=True, width=150)
     console.print(report)

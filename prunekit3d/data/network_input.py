@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from monai.transforms import (
 )
 
 from prunekit3d.data.volumes import Volume, read_volumes
+from prunekit3d.records import JsonRecord
 
 __all__ = ["EXTRA_KEY", "PARSE_HELP", "SCHEMES", "NetworkInput", "Preprocessing", "root_cause"]
 
@@ -103,7 +104,7 @@ class NetworkInput:
 
 
 @dataclass(frozen=True)
-class Preprocessing:
+class Preprocessing(JsonRecord):
     """How a stored image becomes the network's input: plain data that round-trips through JSON.
 
     Schemes (``scheme``; every channel alike):
@@ -132,6 +133,8 @@ class Preprocessing:
         >>> Preprocessing.from_manifest(load_manifest("small")) == pre
         True
     """
+
+    record_name = "preprocessing record"
 
     scheme: str = "zscore"
     window: tuple[float, float] | None = None
@@ -187,22 +190,6 @@ class Preprocessing:
         }
 
     # ---- JSON, text, manifests ---------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for name in ("window", "spacing"):
-            data[name] = None if data[name] is None else list(data[name])
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
-        if not isinstance(data, Mapping):
-            raise TypeError(f"a preprocessing record is a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown preprocessing fields {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
-
     def __str__(self) -> str:
         """The ``--preprocessing`` text of the scheme (spacing and orientation added in brackets)."""
         if self.scheme == "monai":

@@ -145,15 +145,16 @@ def run_demo(out: str | Path = "prunekit3d-demo", *, device: str = "auto", overw
     import safetensors.torch
 
     from prunekit3d.evaluate import label_dice
+    from prunekit3d.io.files import check_output_dir, write_json
     from prunekit3d.recipes.compress import CompressConfig, compress, partial_dir
     from prunekit3d.sample import sample_dataset
 
     started = time.perf_counter()
     console = console or Console()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or another --out")
+    check_output_dir(out, overwrite=overwrite)  # --overwrite replaces an earlier demo only
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "manifest.json", {"format": "prunekit3d.demo", "format_version": 1})
     shutil.rmtree(partial_dir(out / "compressed"), ignore_errors=True)  # an interrupted earlier demo starts over
     model, origin = baseline(console)
     console.print(f"baseline: MONAI DynUNet {BASELINE_SPEC['kwargs']['filters']}, {origin}")

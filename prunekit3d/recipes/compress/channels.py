@@ -24,8 +24,8 @@ from prunekit3d.channels.importance import CostAwareImportance
 from prunekit3d.channels.prune import MAX_RATIO
 from prunekit3d.evaluate import output_logits
 from prunekit3d.io import load, save
-from prunekit3d.recipes.compress.distill import distill_step, distillation_loss
 from prunekit3d.modes import kept_modes
+from prunekit3d.recipes.compress.distill import distill_step, distillation_loss
 from prunekit3d.recipes.compress.run import CompressRun, Unreachable
 
 __all__ = ["channel_pruning", "check_reachable", "prune_round"]

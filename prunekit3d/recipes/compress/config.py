@@ -7,16 +7,17 @@ True
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from prunekit3d.data.network_input import Preprocessing
+from prunekit3d.records import JsonRecord
 
 __all__ = ["CompressConfig"]
 
 
 @dataclass
-class CompressConfig:
+class CompressConfig(JsonRecord):
     """Everything that defines one compression run (what ``prunekit3d compress`` parses its flags into).
 
     Input:
@@ -67,6 +68,8 @@ class CompressConfig:
     Run:
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:N". seed: seeds every random draw.
     """
+
+    record_name = "compress settings"
 
     checkpoint: str
     out: str
@@ -158,17 +161,3 @@ class CompressConfig:
     def record(self) -> Preprocessing:
         """The preprocessing as a record (what the artifact stores)."""
         return Preprocessing.parse(self.preprocessing, self.spacing)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["patch"] = list(self.patch)
-        data["spacing"] = None if self.spacing is None else list(self.spacing)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompressConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown compress settings {unknown}; known: {sorted(known)}")
-        return cls(**data)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import time
 import zlib
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from prunekit3d.data import PatchSampler, read_labels, read_volumes
 from prunekit3d.data.patches import distillation_augmentation
 from prunekit3d.evaluate import mean_dice, output_logits, segmentation, sliding_window_logits
 from prunekit3d.io.errors import first_line
-from prunekit3d.io.files import write_json
+from prunekit3d.io.files import check_inputs_outside, check_output_dir, write_json
 from prunekit3d.recipes.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from prunekit3d.recipes.compress.config import CompressConfig
 from prunekit3d.recipes.distributed import resolve_device
@@ -147,21 +147,16 @@ class CompressRun:
 
     # ---- checks before anything is written -------------------------------------------------------------
     def check_out(self) -> None:
-        out = self.out
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"--out {out} is a file; pass a directory path")
-        if out.is_dir() and any(out.iterdir()) and not self.cfg.overwrite:
-            raise FileExistsError(
-                f"--out {out} exists and is not empty; pass --overwrite to replace it, or another --out"
-            )
+        """Before anything is read or written: ``--out`` may be replaced only if prunekit3d wrote it, and no input
+        may lie inside it (or inside ``DIR.partial``)."""
+        inputs = (self.cfg.checkpoint, self.cfg.calib, self.cfg.labels, self.cfg.spec)
+        check_output_dir(self.out, inputs=inputs, overwrite=self.cfg.overwrite)
+        check_inputs_outside(self.partial, inputs, what="--out")
         if self.resume and not (self.partial / "state.json").is_file():
             raise FileNotFoundError(f"nothing to resume: {self.partial} holds no interrupted run; run without --resume")
         if not self.resume and self.partial.exists():
             raise FileExistsError(f"{self.partial} holds an interrupted run: pass --resume to continue it, or delete "
                                   "it to start over")
-        for given in (self.cfg.checkpoint, self.cfg.calib, self.cfg.labels):
-            if given is not None and Path(given).resolve() in (out.resolve(), self.partial.resolve()):
-                raise ValueError(f"--out {out} is an input of this run; write the result somewhere else")
 
     def load_inputs(self) -> None:
         cfg = self.cfg

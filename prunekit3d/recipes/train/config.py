@@ -12,11 +12,11 @@ True
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from prunekit3d.models import VARIANTS
+from prunekit3d.records import JsonRecord
 
 __all__ = ["MODULES", "TrainConfig"]
 
@@ -25,7 +25,7 @@ MODULES = {"prm": "parallel", "srm": "sequential"}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonRecord):
     """Everything that defines one training run (what ``prunekit3d train`` parses its flags into).
 
     Data:
@@ -62,6 +62,8 @@ class TrainConfig:
         workers: data-loader worker processes (0 keeps everything in the main process).
         seed: seeds the split, the initial weights, every epoch's sampling and augmentation.
     """
+
+    record_name = "training config"
 
     data: str
     out: str
@@ -125,27 +127,6 @@ class TrainConfig:
     def mode(self) -> str:
         """PSP-Seg's redundant-module mode for :func:`prunekit3d.models.psp_seg`."""
         return MODULES[self.module]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["patch"] = list(self.patch)
-        data["spacing"] = None if self.spacing is None else list(self.spacing)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        return cls.from_dict(json.loads(text))
 
 
 def _triple(value: Any, kind: type, name: str) -> tuple:

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from prunekit3d.evaluate import dice_and_nsd, sliding_window_logits
 from prunekit3d.fd import FDLoss
 from prunekit3d.io import load, save
-from prunekit3d.io.files import write_json
+from prunekit3d.io.files import check_inputs_outside, check_output_dir, write_json
 from prunekit3d.models import psp_seg
 from prunekit3d.recipes import distributed
 from prunekit3d.recipes.checkpoint import load_checkpoint, save_checkpoint
@@ -186,6 +186,7 @@ class Trainer:
             self.history = self._new_history()
         if rt.main and not self.resume:
             self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "manifest.json", {"format": "prunekit3d.train-run", "format_version": 1})
             write_json(self.out / "config.json", cfg.to_dict())
             write_json(self.out / "split.json", self.split)
         self.structure_changed()
@@ -196,13 +197,17 @@ class Trainer:
         )
 
     def _check_out(self) -> None:
+        """``--out`` holds no input; it is new or empty, or (with ``--resume``) an earlier run's."""
         ckpt = self.out / "checkpoint"
+        check_inputs_outside(self.out, (self.config.data, self.config.split))
         if self.resume and not ckpt.is_dir():
             raise FileNotFoundError(f"--resume: {ckpt} does not exist; start without --resume")
         if not self.resume and ckpt.exists():
             raise FileExistsError(
                 f"{self.out} already holds a run; pass --resume to continue it or choose another --out"
             )
+        if not self.resume:
+            check_output_dir(self.out, overwrite=False)  # never writes into a folder of the user's
 
     def _new_history(self) -> dict[str, Any]:
         start = self.active_parameters()
