@@ -63,6 +63,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="patches centred on the original's foreground with this probability (0.5)")
     recipe.add_argument("--augment", action="store_true", default=s, help="flip and jitter the distillation patches")
     recipe.add_argument("--temperature", type=float, default=s, help="of the distillation KL term (1)")
+    recipe.add_argument("--feature-weight", type=float, default=s, metavar="W",
+                        help="weight of attention transfer at every encoder level (0: logits only)")
     recipe.add_argument("--importance", choices=["magnitude", "taylor"], default=s, help="channel importance (magnitude)")
     recipe.add_argument("--allocation", choices=["uniform", "global", "cost"], default=s,
                         help="which layers lose channels: the same fraction each, one global ranking, or one ranking "

@@ -25,7 +25,8 @@ from prunekit3d.channels.prune import MAX_RATIO
 from prunekit3d.evaluate import output_logits
 from prunekit3d.io import load, save
 from prunekit3d.modes import kept_modes
-from prunekit3d.recipes.compress.distill import distill_step, distillation_loss
+from prunekit3d.fd import find_fd_features
+from prunekit3d.recipes.compress.distill import FeatureMatch, distill_step, distillation_loss
 from prunekit3d.recipes.compress.run import CompressRun, Unreachable
 
 __all__ = ["channel_pruning", "check_reachable", "prune_round"]
@@ -78,10 +79,16 @@ def channel_pruning(run: CompressRun) -> nn.Module:
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
         title = f"3/3 channel round {r + 1}/{total} + distillation" if total > 1 else "3/3 distillation"
         last = r == total - 1 and bool(run.split.images["held_out"])
-        best = run.train(f"round-{r}", title, model, optimizer, epochs,
-                         lambda images, labels: distill_step(run.teacher, model, images, optimizer, labels=labels,
-                                                             temperature=cfg.temperature),
-                         score=run.agreement if last else None)
+        features = FeatureMatch(run.teacher, model, _feature_points(run)) if cfg.feature_weight > 0 else None
+        try:
+            best = run.train(f"round-{r}", title, model, optimizer, epochs,
+                             lambda images, labels: distill_step(
+                                 run.teacher, model, images, optimizer, labels=labels, temperature=cfg.temperature,
+                                 features=features, feature_weight=cfg.feature_weight),
+                             score=run.agreement if last else None)
+        finally:
+            if features is not None:
+                features.close()
         if best is not None:
             run.state["best_epoch"] = best
         save(model, run.partial / f"round-{r}", spec=run.spec, overwrite=True)
@@ -149,6 +156,16 @@ def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float) -> t
             )
         found = (trial, plan)
     return found
+
+
+def _feature_points(run: CompressRun) -> list[str]:
+    """Where the student's features follow the teacher's: every encoder level and the 1/2-resolution decoder
+    feature (found as FD finds them), if the network lets them be found; else none."""
+    try:
+        found = find_fd_features(run.teacher, run.example.to(run.device))
+    except ValueError:
+        return []
+    return [*found.encoder, found.decoder_half]
 
 
 def _criterion(run: CompressRun, model: nn.Module) -> dict[str, Any]:

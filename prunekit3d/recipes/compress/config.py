@@ -54,6 +54,8 @@ class CompressConfig(JsonRecord):
             (its own segmentation of the calibration volumes, or the labels if given).
         augment: flip and intensity-jitter the distillation patches.
         temperature: of the KL term of the distillation loss.
+        feature_weight: weight of attention transfer at every encoder level and the 1/2-resolution decoder
+            feature (:class:`~prunekit3d.recipes.compress.distill.FeatureMatch`); 0 = logits only.
         importance: channel importance, "magnitude" (group L2 norm) or "taylor" (|weight x gradient| of the
             distillation loss on the calibration patches).
         allocation: which groups lose channels: "uniform" (the same fraction of each), "global" (one ranking
@@ -98,6 +100,7 @@ class CompressConfig(JsonRecord):
     foreground_fraction: float = 0.5
     augment: bool = False
     temperature: float = 1.0
+    feature_weight: float = 0.0
     importance: str = "magnitude"
     allocation: str = "uniform"
     branches: int = 4
@@ -137,6 +140,7 @@ class CompressConfig(JsonRecord):
             "0 <= min_agreement <= 1": 0 <= self.min_agreement <= 1,
             "0 <= foreground_fraction <= 1": 0 <= self.foreground_fraction <= 1,
             "temperature > 0": self.temperature > 0,
+            "feature_weight >= 0": self.feature_weight >= 0,
             "importance in ['magnitude', 'taylor']": self.importance in ("magnitude", "taylor"),
             "allocation in ['uniform', 'global', 'cost']": self.allocation in ("uniform", "global", "cost"),
             "max_block_error >= 0": self.max_block_error >= 0,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,8 @@ from prunekit3d.redundant import RedundantModule
 
 __all__ = [
     "capture_blocks",
+    "FeatureMatch",
+    "attention_map",
     "distill_step",
     "distillation_loss",
     "init_stand_ins",
@@ -202,6 +205,52 @@ def stand_in_errors(
     return {name: err[name] / max(scale[name], 1e-12) for name in modules}
 
 
+def attention_map(feature: torch.Tensor) -> torch.Tensor:
+    """Where a feature map is active, independent of its channels: ``mean_c(f^2)``, flattened and L2-normalised
+    per sample (attention transfer, Zagoruyko & Komodakis 2017). A pruned layer keeps fewer channels than the
+    original's, so this is what both can be compared by."""
+    a = feature.float().pow(2).mean(1).flatten(1)
+    return F.normalize(a, dim=1)
+
+
+class FeatureMatch:
+    """The attention maps of the same named modules of teacher and student, for one forward of each.
+
+    Args:
+        teacher, student: the two networks (the student's modules keep the teacher's names: channel pruning and
+            slimming replace blocks in place).
+        names: the modules compared, e.g. the encoder levels and the 1/2-resolution decoder feature
+            (:func:`prunekit3d.find_fd_features`). Hooks are removed by :meth:`close`.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.maps: dict[str, dict[str, torch.Tensor]] = {"teacher": {}, "student": {}}
+        self.handles = [
+            dict(net.named_modules())[name].register_forward_hook(self._keep(role, name))
+            for role, net in (("teacher", teacher), ("student", student)) for name in self.names
+        ]
+
+    def _keep(self, role: str, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 5:
+                self.maps[role][name] = attention_map(output)
+
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """Mean squared distance of the attention maps of the latest forwards, summed over the modules (x 1000,
+        the paper's scale, which puts it at the size of the logit terms)."""
+        t, s = self.maps["teacher"], self.maps["student"]
+        terms = [(s[n] - t[n].detach()).pow(2).mean() for n in self.names if n in s and n in t]
+        return 1000 * torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 def distill_step(
     teacher: nn.Module,
     student: nn.Module,
@@ -210,13 +259,18 @@ def distill_step(
     labels: torch.Tensor | None = None,
     clip: float = 12.0,
     temperature: float = 1.0,
+    features: FeatureMatch | None = None,
+    feature_weight: float = 1.0,
 ) -> float:
-    """One end-to-end distillation step (plus the supervised loss with ``labels``); returns the loss."""
+    """One end-to-end distillation step (plus the supervised loss with ``labels``, plus ``feature_weight`` times
+    the feature term with ``features``); returns the loss."""
     with torch.no_grad():
         target = output_logits(teacher(images))
     optimizer.zero_grad(set_to_none=True)
     out = output_logits(student(images))
     loss = distillation_loss(out, target, temperature)
+    if features is not None:
+        loss = loss + feature_weight * features.loss()
     if labels is not None:
         loss = loss + supervised_loss(out, labels)
     loss.backward()
