@@ -184,9 +184,12 @@ def test_compress_write_and_stock_predict(nnunet_env, capsys):
     stock = read(nnunet_env["root"] / "pred_compressed" / "case_001.nii.gz")
     assert original.shape == stock.shape == (80, 64, 30)
     assert np.array_equal(stock, read(ours[0]))  # our predictor path is nnU-Net's, from weights read weights-only
+    from prunekit3d.report import count_flops
+
+    flops = [(count_flops(f.teacher, x)[0], count_flops(c.teacher, x)[0]) for f, c in zip(model.folds, compressed.folds)]
     with capsys.disabled():
-        print(f"\nnnU-Net compressed: params {params} -> {after}; Dice vs original predictions "
-              f"{_dice(stock, original, 4):.3f}")
+        print(f"\nnnU-Net compressed: params {params} -> {after}; FLOPs (1x1x32^3) {flops}; Dice vs original "
+              f"predictions {_dice(stock, original, 4):.3f}")
 
 
 @pytest.mark.threads(2)
