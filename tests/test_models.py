@@ -151,7 +151,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
 
 
 def test_registry_builds_every_variant_and_rebuilds_from_spec(built: dict[str, PSPSeg]) -> None:
-    assert list_models() == ["psp_seg_b", "psp_seg_l", "psp_seg_s"]
+    assert list_models() == ["nnunet_network", "psp_seg_b", "psp_seg_l", "psp_seg_s"]
     model = create_model("psp_seg_s", in_channels=1, out_channels=3)
     assert _n_params(model) == _n_params(built["S"])
     spec = json.loads(json.dumps(built["L"].spec))

@@ -35,7 +35,18 @@ from prunekit3d.prune import active_branches
 from prunekit3d.slim import GatedBlock, SlimParallel, set_active_branches, slim
 from prunekit3d.wrap import WrapSpec, apply_wrap_spec, redundant_modules, unwrap, wrap_spec
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "STEPS_ATTR", "WEIGHTS", "load", "load_manifest", "save"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "STEPS_ATTR",
+    "WEIGHTS",
+    "load",
+    "load_manifest",
+    "record_steps",
+    "replay_steps",
+    "save",
+]
 
 FORMAT = "prunekit3d.artifact"
 FORMAT_VERSION = 1
@@ -104,6 +115,24 @@ def _replay(base: nn.Module, steps: Sequence[Step], where: Path) -> nn.Module:
         except (ValueError, TypeError, KeyError, IndexError) as err:
             raise ArtifactError(f"{where}: step {i} ({kind}) does not fit the base model: {err}") from err
     return model
+
+
+def record_steps(model: nn.Module) -> tuple[nn.Module, list[Step]]:
+    """The plain (slim) network of ``model`` and the structural steps that rebuild it from its base network.
+
+    ``model`` is not changed (a wrapped model is slimmed in a copy). The steps are plain JSON, the
+    manifest's ``steps`` field; :func:`replay_steps` turns a fresh base network into the same architecture.
+    """
+    return _record_steps(unwrap(model))
+
+
+def replay_steps(base: nn.Module, steps: Sequence[Step], where: str | os.PathLike = "steps") -> nn.Module:
+    """Replay ``steps`` (from :func:`record_steps` or a manifest) on the fresh, unwrapped network ``base``.
+
+    Raises:
+        ArtifactError: a step of unknown kind, or one that does not fit ``base`` (named with ``where``).
+    """
+    return _replay(base, steps, Path(where))
 
 
 # ---- manifest -------------------------------------------------------------------------------------

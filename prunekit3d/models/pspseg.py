@@ -36,6 +36,7 @@ is the output of ``model.half_res_decoder_stage`` (hook it).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -264,7 +265,7 @@ class PSPSeg(nn.Module):
     """A PSP-Seg network of architecture ``config`` (see the module docstring for the data path).
 
     Args:
-        config: the architecture, e.g. ``VARIANTS["S"]``.
+        config: the architecture, e.g. ``VARIANTS["S"]``, or its ``to_dict()`` (so a JSON spec builds it).
         in_channels: image channels.
         out_channels: classes (logit channels).
         deep_supervision: return the logits of every decoder level but the bottleneck (a list, full
@@ -283,13 +284,15 @@ class PSPSeg(nn.Module):
 
     def __init__(
         self,
-        config: PSPSegConfig,
+        config: PSPSegConfig | Mapping[str, Any],
         in_channels: int,
         out_channels: int,
         deep_supervision: bool = True,
         mode: str = "parallel",
     ) -> None:
         super().__init__()
+        if isinstance(config, Mapping):  # a JSON spec: {"import_path": "...PSPSeg", "kwargs": {"config": {...}}}
+            config = PSPSegConfig.from_dict(dict(config))
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {sorted(MODES)}")
         self.config = config

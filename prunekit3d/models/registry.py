@@ -5,7 +5,7 @@ JSON-able keyword arguments, so a saved ``{"name": ..., **kwargs}`` spec rebuild
 
     >>> from prunekit3d.models import create_model, list_models
     >>> list_models()
-    ['psp_seg_b', 'psp_seg_l', 'psp_seg_s']
+    ['nnunet_network', 'psp_seg_b', 'psp_seg_l', 'psp_seg_s']
     >>> model = create_model("psp_seg_s", in_channels=1, out_channels=3)
 """
 
