@@ -298,8 +298,10 @@ def predict(
     cases = find_cases(inputs, "INPUT")
     _check_out(out, [inputs, model, *(f for files in cases.values() for f in files)])
     if is_nnunet_folder(model):
-        return _predict_nnunet(model, inputs, out, device=options.get("device", "auto"), overwrite=overwrite,
-                               console=console)
+        from prunekit3d.recipes.distributed import resolve_device
+
+        device = options.get("device", "auto")
+        return _predict_nnunet(model, inputs, out, device=str(resolve_device(device)), overwrite=overwrite)
     predictor = load_predictor(model, console=console, **options)
     for name, files in cases.items():
         given = _channels(files)

@@ -193,6 +193,35 @@ def test_compress_write_and_stock_predict(nnunet_env, capsys):
 
 
 @pytest.mark.threads(2)
+def test_prunekit3d_compress_on_a_results_folder_then_stock_predict(nnunet_env, capsys):
+    """The command a user types: ``prunekit3d compress FOLDER --calib RAW --target-params 0.5``, label-free,
+    calibrated through nnU-Net's own preprocessing; stock nnU-Net predicts with the folder it writes."""
+    from prunekit3d.cli import main
+
+    out = nnunet_env["root"] / "pk-compressed"
+    args = ["compress", str(nnunet_env["model"]), "--calib", str(nnunet_env["nnUNet_raw"] / DATASET / "imagesTr"),
+            "--out", str(out), "--target-params", "0.5", "--blockwise-epochs", "1", "--epochs", "1",
+            "--finetune-epochs", "3", "--iters-per-epoch", "2", "--batch", "1", "--device", "cpu"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "nnunet" and manifest["parts"] == ["fold_0", "fold_1"]
+    for fold in (0, 1):
+        report = json.loads((out / f"fold_{fold}" / "report.json").read_text())
+        assert report["params_after"] / report["params_before"] <= 0.5 and report["budget"]["met"]
+        assert report["agreement_measured_on"] == "1 of 4 calibration volumes (case_003)"
+        checkpoint = torch.load(out / "nnunet" / f"fold_{fold}" / "checkpoint_final.pth", weights_only=True)
+        assert checkpoint["trainer_name"] == "nnUNetTrainer"  # plain values only: no pickled module
+    _stock_predict(out / "nnunet", nnunet_env["images"], nnunet_env["root"] / "pred_pk", ["0", "1"])
+    _stock_predict(nnunet_env["model"], nnunet_env["images"], nnunet_env["root"] / "pred_ref", ["0", "1"])
+    read = lambda p: np.asarray(nib.load(str(p)).dataobj)  # noqa: E731
+    ours, original = (read(nnunet_env["root"] / d / "case_001.nii.gz") for d in ("pred_pk", "pred_ref"))
+    assert ours.shape == original.shape
+    with capsys.disabled():
+        print(f"\nprunekit3d compress (nnU-Net folder, 2 folds, --target-params 0.5): Dice of stock nnU-Net's "
+              f"predictions, compressed vs original folder: {_dice(ours, original, 4):.3f}")
+
+
+@pytest.mark.threads(2)
 def test_psp_trainer_trains_and_predicts_with_stock_nnunet(nnunet_env):
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 

@@ -21,9 +21,13 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     defaults apply (and nothing heavy is imported to build the parser)."""
     s = argparse.SUPPRESS
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="prunekit3d artifact directory, or state dict (.pt, .pth, .safetensors)")
+                        help="prunekit3d artifact directory, state dict (.pt, .pth, .safetensors), MONAI bundle "
+                             "folder or nnU-Net model folder (<Trainer>__<Plans>__<configuration>)")
     parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output directory (artifact, report.json, report.md)")
+                        help="output directory: artifact(s), report.json, report.md; and DIR/bundle or DIR/nnunet, "
+                             "the bundle or nnU-Net model folder compressed")
+    parser.add_argument("--fold", dest="folds", nargs="+", default=s, metavar="K",
+                        help="folds of an nnU-Net model folder to compress (all present)")
     add_model_arguments(parser)
     data = parser.add_argument_group("calibration data")
     data.add_argument("--calib", required=True, metavar="PATH",
@@ -94,8 +98,9 @@ def run_compress(args: argparse.Namespace) -> int:
                              f"{type(values['model_kwargs']).__name__}")
     console = Console()
     result = compress(CompressConfig.from_dict(values), resume=resume, console=console)
-    console.print(result.table())
-    console.print(f"wrote {result.out}/: the artifact (prunekit3d.load('{result.out}')), report.json, report.md")
+    for part, table in result.tables().items():
+        console.print(table)
+    console.print(f"wrote {result.out}/: {result.contents()}")
     return 0
 
 

@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 from rich.console import Console
 
 from prunekit3d.io import load
+from prunekit3d.io.files import atomic_directory, check_output_dir, write_json
+from prunekit3d.sources.formats import Source, open_source
 from prunekit3d.recipes.compress import blocks, channels
 from prunekit3d.recipes.compress.config import CompressConfig
 from prunekit3d.recipes.compress.report import CompressResult, measure_result, write_result
@@ -44,6 +48,10 @@ __all__ = ["CompressConfig", "CompressResult", "CompressRun", "compress", "parti
 
 def compress(config: CompressConfig, *, resume: bool = False, console: Console | None = None) -> CompressResult:
     """Compress the network of ``config.checkpoint`` to the budget; see the module docstring.
+
+    A MONAI bundle or an nnU-Net model folder comes back in its own format as well: ``DIR`` holds the
+    artifact(s) and reports and ``DIR/bundle`` / ``DIR/nnunet`` the compressed bundle or model folder (every
+    fold of an nnU-Net folder compressed on its own, ``DIR/fold_<k>``).
 
     Args:
         config: the run's settings.
@@ -56,7 +64,18 @@ def compress(config: CompressConfig, *, resume: bool = False, console: Console |
     Raises:
         FileNotFoundError, FileExistsError, ValueError: bad input, named in one line; nothing is written then.
     """
-    run = CompressRun(config, resume, console or Console())
+    console = console or Console()
+    source = open_source(config.checkpoint, model=config.model, model_kwargs=config.model_kwargs,
+                         spec_file=config.spec, folds=config.folds)
+    for note in source.notes:
+        console.print(f"[yellow]{note}[/]")
+    if source.write is None:
+        return _compress_one(config, resume, console, source, "model")
+    return _compress_parts(config, resume, console, source)
+
+
+def _compress_one(config: CompressConfig, resume: bool, console: Console, source: Source, part: str) -> CompressResult:
+    run = CompressRun(config, resume, console, source, part)
     run.check_out()
     run.load_inputs()
     run.measure_original()
@@ -71,6 +90,43 @@ def compress(config: CompressConfig, *, resume: bool = False, console: Console |
     except Unreachable:
         shutil.rmtree(run.partial, ignore_errors=True)
         raise
+
+
+def _compress_parts(config: CompressConfig, resume: bool, console: Console, source: Source) -> CompressResult:
+    """Every part of a bundle or model folder compressed into ``DIR.parts/<part>``, then ``DIR`` written at once:
+    the parts' artifacts and reports, and the source's format rebuilt from them."""
+    out = Path(config.out)
+    inputs = (config.checkpoint, config.calib, config.labels, config.spec)
+    check_output_dir(out, inputs=inputs, overwrite=config.overwrite)
+    parts_dir = out.with_name(out.name + ".parts")
+    results = {}
+    for part in source.teachers:
+        done = parts_dir / part
+        if resume and (done / "report.json").is_file():
+            console.print(f"{part}: compressed before, kept")
+            results[part] = CompressResult(done, json.loads((done / "report.json").read_text()), load(done))
+            continue
+        started = partial_dir(done).is_dir()
+        sub = replace(config, out=str(done), overwrite=False)
+        if len(source.teachers) > 1:
+            console.rule(part)
+        results[part] = _compress_one(sub, resume and started, console, source, part)
+    single = list(results) == ["model"]
+    with atomic_directory(out, overwrite=config.overwrite) as tmp:
+        homes = {}
+        for part, result in results.items():
+            home = tmp if single else tmp / part
+            shutil.copytree(result.out, home, dirs_exist_ok=True)
+            homes[part] = home
+        source.write(homes, tmp / source.kind)
+        if not single:
+            write_json(tmp / "manifest.json", {"format": "prunekit3d.compress", "format_version": 1,
+                                               "source": str(source.path), "kind": source.kind,
+                                               "parts": list(results)})
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    last = results[list(results)[-1]]
+    report = last.report if single else {"parts": {p: r.report for p, r in results.items()}}
+    return CompressResult(out, report, last.model)
 
 
 def _continue(run: CompressRun) -> None:

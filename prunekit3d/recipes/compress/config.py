@@ -26,8 +26,10 @@ class CompressConfig(JsonRecord):
         spec: a JSON file ``{"import_path": ..., "kwargs": ...}`` / ``{"name": ...}``.
         calib: calibration images: a NIfTI file, a folder of them, or an MSD data set folder.
         labels: labels of the calibration images (a supervised loss is added to the distillation).
+        folds: the folds of an nnU-Net model folder to compress (default: all present).
         preprocessing: how the calibration images become the network's input -- the preprocessing the network
-            was trained with: "zscore", "zscore:nonzero", "ct:LO:HI", "ct:LO:HI:MEAN:STD", "percentile:LO:HI",
+            was trained with (default: what the model's format records -- a bundle's transforms, an artifact's
+            record, nnU-Net's own preprocessing -- else a per-image z-score): "zscore", "zscore:nonzero", "ct:LO:HI", "ct:LO:HI:MEAN:STD", "percentile:LO:HI",
             "none" or a JSON file (:class:`~prunekit3d.data.network_input.Preprocessing`). Recorded in the
             artifact; ``prunekit3d predict`` re-applies it.
         spacing: resample the calibration images to this voxel spacing (mm) first; ``None`` keeps theirs.
@@ -44,7 +46,8 @@ class CompressConfig(JsonRecord):
             in alternation with the original; on a CPU both run on oneDNN, the path ``prunekit3d predict`` uses).
         channels: remove this fraction of the channels of every layer group (forces channel pruning).
 
-    Schedule (epochs of ``iters_per_epoch`` steps on ``batch`` random patches of size ``patch``):
+    Schedule (epochs of ``iters_per_epoch`` steps on ``batch`` random patches of size ``patch``; default: the
+    patch the model's format records, else 64^3):
         blockwise_epochs: block-wise distillation of the light branches.
         epochs: end-to-end distillation with progressive pruning of light branches.
         finetune_epochs: end-to-end distillation of the slim network, shared by the channel-pruning rounds.
@@ -80,7 +83,8 @@ class CompressConfig(JsonRecord):
     model_kwargs: dict[str, Any] | None = None
     spec: str | None = None
     labels: str | None = None
-    preprocessing: str = "zscore"
+    folds: list[int | str] | None = None
+    preprocessing: str | None = None
     spacing: tuple[float, float, float] | None = None
     holdout: float = 0.2
     min_agreement: float = 0.95
@@ -88,7 +92,7 @@ class CompressConfig(JsonRecord):
     target_flops: float | None = None
     target_latency: float | None = None
     channels: float | None = None
-    patch: tuple[int, int, int] = (64, 64, 64)
+    patch: tuple[int, int, int] | None = None
     batch: int = 2
     blockwise_epochs: int = 4
     epochs: int = 4
@@ -120,8 +124,9 @@ class CompressConfig(JsonRecord):
             setattr(self, name, None if value is None else str(value))
         if self.spacing is not None:
             self.spacing = tuple(float(v) for v in self.spacing)  # type: ignore[assignment]
-        values = [self.patch] if isinstance(self.patch, int) else list(self.patch)
-        self.patch = tuple(int(v) for v in (values * 3 if len(values) == 1 else values))  # type: ignore[assignment]
+        if self.patch is not None:
+            values = [self.patch] if isinstance(self.patch, int) else list(self.patch)
+            self.patch = tuple(int(v) for v in (values * 3 if len(values) == 1 else values))  # type: ignore[assignment]
         rules = {
             "at most one of target_params, target_flops, target_latency":
                 sum(v is not None for v in (self.target_params, self.target_flops, self.target_latency)) <= 1,
@@ -129,7 +134,7 @@ class CompressConfig(JsonRecord):
             "0 < target_flops <= 1": self.target_flops is None or 0 < self.target_flops <= 1,
             "0 < target_latency <= 1": self.target_latency is None or 0 < self.target_latency <= 1,
             "0 < channels < 1 (the fraction of channels removed)": self.channels is None or 0 < self.channels < 1,
-            "patch: 3 sizes >= 1": len(self.patch) == 3 and min(self.patch) >= 1,
+            "patch: 3 sizes >= 1": self.patch is None or (len(self.patch) == 3 and min(self.patch) >= 1),
             "batch >= 1": self.batch >= 1,
             "epochs, blockwise_epochs, finetune_epochs >= 0":
                 min(self.epochs, self.blockwise_epochs, self.finetune_epochs) >= 0,
@@ -149,6 +154,8 @@ class CompressConfig(JsonRecord):
         broken = [rule for rule, ok in rules.items() if not ok]
         if broken:
             raise ValueError(f"invalid compress settings: needs {'; '.join(broken)}")
+        if self.folds is not None:
+            self.folds = [int(f) if str(f).isdigit() else str(f) for f in self.folds]
         self.record()  # a preprocessing that does not parse fails here, in one line
 
     @property
@@ -162,6 +169,10 @@ class CompressConfig(JsonRecord):
             return "latency", float(self.target_latency)
         return None
 
-    def record(self) -> Preprocessing:
-        """The preprocessing as a record (what the artifact stores)."""
-        return Preprocessing.parse(self.preprocessing, self.spacing)
+    def record(self, recorded: Preprocessing | None = None) -> Preprocessing:
+        """The preprocessing as a record (what the artifact stores): the one given, else the one the model's format
+        ``recorded``, else a per-image z-score."""
+        if self.preprocessing is None and recorded is not None:
+            return recorded if self.spacing is None else Preprocessing.from_dict({**recorded.to_dict(),
+                                                                                   "spacing": list(self.spacing)})
+        return Preprocessing.parse(self.preprocessing or "zscore", self.spacing)

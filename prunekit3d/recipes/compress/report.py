@@ -38,6 +38,20 @@ class CompressResult:
     report: dict[str, Any]
     model: nn.Module = field(repr=False)
 
+    def tables(self) -> dict[str, Table]:
+        """One before / after table per compressed part (``"model"``, or the folds of an nnU-Net folder)."""
+        if "parts" not in self.report:
+            return {"model": self.table()}
+        return {part: CompressResult(self.out / part, r, self.model).table() for part, r in self.report["parts"].items()}
+
+    def contents(self) -> str:
+        """What ``out`` holds, in words."""
+        kinds = [k for k in ("bundle", "nnunet") if (self.out / k).is_dir()]
+        made = {"bundle": "bundle/ (the MONAI bundle, compressed)", "nnunet": "nnunet/ (the nnU-Net model folder, "
+                "compressed: nnUNetv2_predict_from_modelfolder -m " + str(self.out / "nnunet") + ")"}
+        where = "the artifact" if "parts" not in self.report else "one artifact per fold (fold_<k>/)"
+        return ", ".join([f"{where} (prunekit3d.load), report.json, report.md", *(made[k] for k in kinds)])
+
     def table(self, extra: Sequence[tuple[str, str, str]] = (), title: str | None = None) -> Table:
         """The before / after table: costs, agreement Dice, Dice vs labels (if measured), plus ``extra`` rows."""
         r = self.report
@@ -119,7 +133,7 @@ def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], 
     report["before"], report["after"] = before.to_dict(), after.to_dict()
     report["calibration"] = {
         "images": len(run.split.images["distill"]), "held_out": run.split.description, "patch": list(run.patch),
-        "preprocessing": str(run.preprocessing),
+        "preprocessing": str(run.preprocessing) if run.preprocessing is not None else run.source.kind,
     }
     report["timings_s"] = run.state["timings"]
     report["config"] = run.cfg.to_dict()
@@ -161,7 +175,8 @@ def write_result(
     plans = [p for h in run.state.get("pruner", []) if h.get("kind") == "prune" for p in [h.get("plan")] if p]
     extra = {"compress": {k: report[k] for k in ("params_before", "params_after", "agreement_dice", "budget")},
              "patch_size": list(run.patch)}
-    extra = run.preprocessing.into_extra(extra)
+    if run.preprocessing is not None:  # nnU-Net preprocesses in its own pipeline, which its folder records
+        extra = run.preprocessing.into_extra(extra)
     with atomic_directory(run.out, overwrite=run.cfg.overwrite) as tmp:
         save(model, tmp, spec=run.spec, plans=plans, extra=extra)
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

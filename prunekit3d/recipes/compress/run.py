@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from prunekit3d.data import PatchSampler, read_labels, read_volumes
+from prunekit3d.data.network_input import Preprocessing
 from prunekit3d.data.patches import distillation_augmentation
 from prunekit3d.evaluate import mean_dice, output_logits, segmentation, sliding_window_logits
 from prunekit3d.io.errors import first_line
@@ -33,7 +34,8 @@ from prunekit3d.redundant import RedundantModule
 from prunekit3d.report import count_flops, count_params, paired_latency
 from prunekit3d.runtime import use_onednn
 from prunekit3d.schedule import ProgressivePruner
-from prunekit3d.sources import build_model, first_conv, model_spec
+from prunekit3d.sources import first_conv
+from prunekit3d.sources.formats import Source, open_source
 from prunekit3d.wrap import redundant_modules
 
 __all__ = ["RUN_FORMAT", "CompressRun", "HeldOut", "Unreachable", "hold_out", "partial_dir"]
@@ -128,8 +130,10 @@ class CompressRun:
     """One compression run: its settings, inputs and resume state, and the services its stages share
     (progress bars, seeded patches, checkpoints, the training loop, counting)."""
 
-    def __init__(self, config: CompressConfig, resume: bool, console: Console) -> None:
+    def __init__(self, config: CompressConfig, resume: bool, console: Console, source: Source | None = None,
+                 part: str = "model") -> None:
         self.cfg = config
+        self.source, self.part = source, part
         self.console = console
         self.out = Path(config.out)
         self.partial = partial_dir(self.out)
@@ -159,31 +163,42 @@ class CompressRun:
                                   "it to start over")
 
     def load_inputs(self) -> None:
+        """The teacher (``part`` of the source) and the calibration images as its input, checked against it."""
         cfg = self.cfg
-        spec = model_spec(cfg.model, cfg.model_kwargs, cfg.spec)
-        self.teacher, self.spec = build_model(cfg.checkpoint, spec)
+        if self.source is None:
+            self.source = open_source(cfg.checkpoint, model=cfg.model, model_kwargs=cfg.model_kwargs,
+                                      spec_file=cfg.spec, folds=cfg.folds)
+        self.teacher, self.spec = self.source.teachers[self.part], self.source.spec
         self.teacher.requires_grad_(False)
-        volumes = read_volumes(cfg.calib)
-        if cfg.labels is not None:
-            read_labels(cfg.labels, volumes)
+        self.preprocessing: Preprocessing | None = None
+        if self.source.calibration is not None:  # the format preprocesses raw images itself (nnU-Net)
+            if cfg.labels is not None or cfg.preprocessing is not None:
+                raise ValueError(f"{self.source.path} preprocesses its images itself ({self.source.kind}): drop "
+                                 "--labels / --preprocessing")
+            names, images = zip(*self.source.calibration(cfg.calib))
+            names, images, labels = list(names), list(images), None
+        else:
+            volumes = read_volumes(cfg.calib)
+            if cfg.labels is not None:
+                read_labels(cfg.labels, volumes)
+            self.preprocessing = cfg.record(self.source.preprocessing)
+            prepared = [self.preprocessing.prepare(v) for v in volumes]
+            names, images = [v.name for v in volumes], [p.image for p in prepared]
+            labels = [p.label.long() for p in prepared] if cfg.labels is not None else None  # resampled too
         name, conv = first_conv(self.teacher)
-        channels = {v.image.shape[0] for v in volumes}
+        channels = {x.shape[0] for x in images}
         if channels != {conv.in_channels}:
             raise ValueError(
                 f"the calibration images have {sorted(channels)} channel(s) but the network takes {conv.in_channels} "
                 f"(its first convolution {name!r}); pass images with {conv.in_channels} channel(s)"
             )
         self.in_channels = conv.in_channels
-        self.preprocessing = cfg.record()
-        prepared = [self.preprocessing.prepare(v) for v in volumes]
-        images = [p.image for p in prepared]
-        labels = [p.label.long() for p in prepared] if cfg.labels is not None else None  # resampled with the image
-        self.patch = self._fit_patch(cfg.patch, images)
+        self.patch = self._fit_patch(cfg.patch or self.source.patch or (64, 64, 64), images)
         self.example = torch.zeros(1, self.in_channels, *self.patch)
         self.teacher.to(self.device)
         self.teacher.eval()
         foreground = [self.segment(self.teacher, x) > 0 for x in images]
-        self.split = hold_out([v.name for v in volumes], images, labels, cfg.holdout, self.patch, foreground)
+        self.split = hold_out(names, images, labels, cfg.holdout, self.patch, foreground)
         # The original's own segmentation: where distillation patches centre, and what agreement compares with.
         self.teacher_seg = {part: [self.segment(self.teacher, x) for x in self.split.images[part]]
                             for part in ("distill", "held_out")}
