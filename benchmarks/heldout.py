@@ -29,18 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 import prunekit3d as pk
-from prunekit3d.data import read_labels, read_volumes
-from prunekit3d.evaluate import mean_dice, segmentation, sliding_window_logits
 from prunekit3d.io.files import write_json
 from prunekit3d.report import count_flops, count_params, measure, paired_latency
-from prunekit3d.sample.split import heldout_split
+from prunekit3d.data.network_input import Preprocessing
+from prunekit3d.sample.split import evaluation, heldout_split, training_pair
 
 #: The baselines: one network per family, each a few minutes of CPU training.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -51,39 +49,25 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "init_filters": 16}},
     "basic_unet": {"import_path": "monai.networks.nets.BasicUNet", "kwargs": {
         "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "features": [16, 16, 32, 64, 128, 16]}},
-    "plain_unet": {"import_path": "dynamic_network_architectures.architectures.unet.PlainConvUNet", "kwargs": {
-        "input_channels": 1, "n_stages": 4, "features_per_stage": [16, 32, 64, 128], "conv_op": "torch.nn.Conv3d",
+    # nnU-Net's PlainConvUNet as its plans describe it (prunekit3d's "nnunet_network" registry model builds it)
+    "plain_unet": {"name": "nnunet_network", "input_channels": 1, "num_classes": 4, "deep_supervision": False,
+                   "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                   "kw_requires_import": ["conv_op", "norm_op", "nonlin"], "arch_kwargs": {
+        "n_stages": 4, "features_per_stage": [16, 32, 64, 128], "conv_op": "torch.nn.modules.conv.Conv3d",
         "kernel_sizes": [[3, 3, 3]] * 4, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
-        "n_conv_per_stage": [2, 2, 2, 2], "num_classes": 4, "n_conv_per_stage_decoder": [2, 2, 2],
-        "conv_bias": True, "norm_op": "torch.nn.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}},
+        "n_conv_per_stage": [2, 2, 2, 2], "n_conv_per_stage_decoder": [2, 2, 2], "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "nonlin": "torch.nn.modules.activation.LeakyReLU", "nonlin_kwargs": {"inplace": True}}},
 }
 #: (flag, value) of each compression budget.
 BUDGETS = [("target_flops", 0.5), ("target_flops", 0.3), ("target_flops", 0.2), ("target_params", 0.3)]
 PATCH = (64, 64, 16)
-#: CT soft-tissue window used as every network's preprocessing (fixed, so all volumes are mapped alike).
-WINDOW = (-200.0, 300.0)
-
-
-def window(image: np.ndarray) -> torch.Tensor:
-    lo, hi = WINDOW
-    x = np.clip(image.astype(np.float32), lo, hi)
-    return torch.from_numpy((x - (lo + hi) / 2) / ((hi - lo) / 2))
+#: Every network's preprocessing: a CT soft-tissue window scaled to [0, 1] (recorded in the compressed artifacts).
+PREPROCESSING = "ct:-200:300"
 
 
 def build(name: str) -> nn.Module:
-    """A family's network; PlainConvUNet takes classes by import path, which the spec cannot hold."""
-    spec = copy.deepcopy(FAMILIES[name])
-    if name == "plain_unet":
-        import pydoc
-
-        kwargs = spec["kwargs"]
-        for key in ("conv_op", "norm_op", "nonlin"):
-            kwargs[key] = pydoc.locate(kwargs[key])
-        from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-        return PlainConvUNet(**kwargs)
-    return pk.from_spec(spec)
+    return pk.from_spec(FAMILIES[name])
 
 
 def fit(model: nn.Module, image: torch.Tensor, label: torch.Tensor, iterations: int, seed: int,
@@ -94,21 +78,6 @@ def fit(model: nn.Module, image: torch.Tensor, label: torch.Tensor, iterations: 
 
     return fit_supervised(model, [image], [label], PATCH, iterations, seed=seed, console=console, title=title,
                           augment=True)
-
-
-def scores(model: nn.Module, reference: nn.Module | None, image: torch.Tensor, label: torch.Tensor,
-           spacing: tuple[float, ...], scored: slice) -> dict[str, float]:
-    """Held-out Dice and NSD (mean over the classes present in the labels) and agreement with ``reference``, on
-    the ``scored`` slices of ``image`` (predicted whole, as inference sees a scan)."""
-    from prunekit3d.evaluate import dice_and_nsd
-
-    logits = sliding_window_logits(model.eval(), image, PATCH)[..., scored]
-    dsc, nsd = dice_and_nsd(logits, label, spacing, tolerance=max(spacing))
-    out = {"dice": float(np.nanmean(dsc.numpy())), "nsd": float(np.nanmean(nsd.numpy()))}
-    if reference is not None:
-        ref = sliding_window_logits(reference.eval(), image, PATCH)[..., scored]
-        out["agreement"] = mean_dice(segmentation(ref), segmentation(logits), ref.shape[0])
-    return out
 
 
 def costs(model: nn.Module, reference: nn.Module) -> dict[str, float]:
@@ -142,7 +111,9 @@ def main() -> None:
     console = Console(width=max(Console().width, 160))
     args.out.mkdir(parents=True, exist_ok=True)
     split = heldout_split(args.out / "split")
-    data = _prepare(split, args.out / "data")
+    record = Preprocessing.parse(PREPROCESSING)
+    held_out = evaluation(split, record)
+    data = {"calib": split.calibration_dir, "train": training_pair(split, record)}
     budgets = [(k, float(v)) for k, v in (b.split("=") for b in args.budgets)]
     extra = json.loads(args.compress)
     results_file = args.out / "heldout.json"
@@ -152,7 +123,7 @@ def main() -> None:
         baseline = _baseline(family, data, args, console)
         if (family, "original") not in done:
             rows.append({"family": family, "variant": "original", **costs(baseline, baseline),
-                         **scores(baseline, None, *data["eval"]), "agreement": 1.0})
+                         **held_out.scores(baseline, None, PATCH), "agreement": 1.0})
             _save(results_file, rows, args)
         for kind, value in budgets:
             variant = f"{kind}={value:g}"
@@ -160,7 +131,7 @@ def main() -> None:
                 continue
             small, seconds, report = _compress(family, baseline, data, kind, value, extra, args, console)
             rows.append({"family": family, "variant": variant, "compress_s": seconds, **costs(small, baseline),
-                         **scores(small, baseline, *data["eval"]),
+                         **held_out.scores(small, baseline, PATCH),
                          "agreement_reported": report.get("agreement_dice")})
             _save(results_file, rows, args)
             if variant == args.student_budget and (family, f"plain student {variant}") not in done:
@@ -168,32 +139,11 @@ def main() -> None:
                 _reinitialise(student)
                 fit(student, *data["train"], args.iterations, 1, console, f"{family}: plain student {variant}")
                 rows.append({"family": family, "variant": f"plain student {variant}", **costs(student, baseline),
-                             **scores(student, baseline, *data["eval"])})
+                             **held_out.scores(student, baseline, PATCH)})
                 _save(results_file, rows, args)
     _table(rows, console)
     _plot(rows, args.out / "heldout.png")
     console.print(f"wrote {results_file}, {args.out / 'heldout.md'}, {args.out / 'heldout.png'}")
-
-
-def _prepare(split: Any, folder: Path) -> dict[str, Any]:
-    """Windowed copies of the parts (what the networks take), as float32 NIfTI for ``--calib`` and tensors."""
-    import nibabel as nib
-
-    folder.mkdir(parents=True, exist_ok=True)
-    calib = folder / "calibration"
-    calib.mkdir(exist_ok=True)
-    for case in split.calibration:
-        img = nib.load(str(case.image))
-        nib.save(nib.Nifti1Image(window(np.asanyarray(img.dataobj)).numpy(), img.affine), str(calib / case.image.name))
-    (train,) = read_volumes(split.train.image)
-    read_labels(split.train.label, [train])
-    (evaluation,) = read_volumes(split.evaluation.image)
-    read_labels(split.evaluation.label, [evaluation])
-    (scan,) = read_volumes(split.context)
-    spacing = tuple(float(s) for s in nib.load(str(split.evaluation.image)).header.get_zooms()[:3])
-    scored = slice(split.evaluation.slices.start, split.evaluation.slices.stop)
-    return {"calib": calib, "train": (window(train.image), torch.from_numpy(train.label)),
-            "eval": (window(scan.image), torch.from_numpy(evaluation.label), spacing, scored)}
 
 
 def _baseline(family: str, data: dict[str, Any], args: argparse.Namespace, console: Console) -> nn.Module:
@@ -218,11 +168,11 @@ def _compress(family: str, baseline: nn.Module, data: dict[str, Any], kind: str,
     from prunekit3d.recipes.compress import CompressConfig, compress
 
     out = args.out / family / f"{kind}-{value:g}"
-    spec = FAMILIES[family]
+    spec = args.out / family / "spec.json"
+    write_json(spec, FAMILIES[family])
     config = CompressConfig(checkpoint=str((args.baselines or args.out) / family / "baseline.safetensors"), out=str(out),
-                            calib=str(data["calib"]), spec=None, model=spec["import_path"],
-                            model_kwargs=spec["kwargs"], preprocessing="none", patch=PATCH, device="cpu",
-                            overwrite=True, **{kind: value}, **extra)
+                            calib=str(data["calib"]), spec=str(spec), preprocessing=PREPROCESSING, patch=PATCH,
+                            device="cpu", overwrite=True, **{kind: value}, **extra)
     started = time.perf_counter()
     result = compress(config, console=console)
     return result.model.cpu().eval(), time.perf_counter() - started, result.report
@@ -237,7 +187,7 @@ def _reinitialise(model: nn.Module) -> None:
 
 
 def _save(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    write_json(path, {"threads": args.threads, "patch": list(PATCH), "window": list(WINDOW), "rows": rows,
+    write_json(path, {"threads": args.threads, "patch": list(PATCH), "preprocessing": PREPROCESSING, "rows": rows,
                       "torch": torch.__version__})
     (path.parent / "heldout.md").write_text(markdown(rows), encoding="utf-8")
 

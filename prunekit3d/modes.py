@@ -6,11 +6,13 @@ timing, exporting): whatever the block switches, every submodule gets its own fl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["eval_mode", "kept_modes"]
+__all__ = ["eval_mode", "kept_modes", "observed_forward"]
 
 
 @contextlib.contextmanager
@@ -30,3 +32,26 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     with kept_modes(model):
         model.eval()
         yield model
+
+
+def observed_forward(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    forward_hook: Callable[[nn.Module, tuple, dict, Any], None],
+    pre_hook: Callable[[nn.Module, tuple, dict], None] | None = None,
+) -> Any:
+    """One eval-mode, no-grad forward of ``model`` with ``forward_hook`` (and ``pre_hook``) on every module
+    (each once, however often it is reachable), all removed afterwards; returns the output.
+
+    How discovery reads a network: eval means no deep-supervision side paths and no dropout, and the shapes
+    are those of inference.
+    """
+    modules = list(dict.fromkeys(model.modules()))
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in modules] if pre_hook else []
+    handles += [m.register_forward_hook(forward_hook, with_kwargs=True) for m in modules]
+    try:
+        with eval_mode(model), torch.no_grad():
+            return model(example_input)
+    finally:
+        for h in handles:
+            h.remove()

@@ -24,7 +24,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from prunekit3d.modes import eval_mode
+from prunekit3d.modes import observed_forward
 from prunekit3d.redundant import MODES, LightBranch, RedundantModule, kernel_family
 
 __all__ = ["BlockSpec", "WrapSpec", "wrap", "redundant_modules", "find_blocks", "wrap_spec", "apply_wrap_spec", "unwrap"]
@@ -112,14 +112,7 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, lis
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         records.append((module, args, kwargs, output))
 
-    modules = list(dict.fromkeys(model.modules()))
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
-    try:
-        with eval_mode(model), torch.no_grad():
-            output = model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    output = observed_forward(model, example_input, hook)
     outputs = {id(t) for t in _tensors(output)}
     calls: dict[nn.Module, list[_Call]] = {}
     for module, args, kwargs, out in records:

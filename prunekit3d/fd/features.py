@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit3d.modes import eval_mode
+from prunekit3d.modes import observed_forward
 from prunekit3d.wrap import _tensors, unwrap
 
 __all__ = ["FDFeatures", "find_fd_features"]
@@ -75,16 +75,7 @@ def _trace_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[_C
         if isinstance(output, torch.Tensor) and output.dim() == 5:
             call.size_out, call.output = tuple(output.shape[2:]), output
 
-    modules = list(dict.fromkeys(model.modules()))
-    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in modules]
-    handles += [m.register_forward_hook(post, with_kwargs=True) for m in modules]
-    try:
-        # eval: no deep-supervision side paths, no dropout; the sizes are the same
-        with eval_mode(model), torch.no_grad():
-            output = model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    output = observed_forward(model, example_input, post, pre)
     return [c for c in calls if c.module is not model], list(_tensors(output))
 
 

@@ -25,15 +25,20 @@ image) with the affine of its first slice, so predictions land on the scan's gri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+from torch import nn
 
+from prunekit3d.data.network_input import Preprocessing
 from prunekit3d.sample import sample_dataset
 
-__all__ = ["EVALUATION_SLICES", "LABELED_OFFSET", "TRAIN_SLICES", "Case", "HeldoutSplit", "heldout_split"]
+__all__ = ["EVALUATION_SLICES", "LABELED_OFFSET", "TRAIN_SLICES", "Case", "Evaluation", "HeldoutSplit", "evaluation",
+           "heldout_split", "training_pair"]
 
 #: Slices of the labeled CT in each part, and where the labeled CT starts in the full scan.
 EVALUATION_SLICES, TRAIN_SLICES, LABELED_OFFSET = range(0, 10), range(10, 30), 82
@@ -109,3 +114,47 @@ def heldout_split(out: str | Path) -> HeldoutSplit:
         evaluation=write("evaluation", "evaluation", shifted(EVALUATION_SLICES), True),
         context=root / "unlabeled" / "ct_abdomen_full.nii.gz",
     )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The evaluation slab as a network sees it: the whole scan preprocessed, and what is scored of it."""
+
+    scan: torch.Tensor  # (C, X, Y, Z), the preprocessed whole scan
+    label: torch.Tensor  # (X, Y, Z') of the slab
+    scored: slice  # the slab's slices along z
+    spacing: tuple[float, float, float]
+
+    def scores(self, model: nn.Module, reference: nn.Module | None, patch: Sequence[int]) -> dict[str, float]:
+        """Held-out Dice and NSD against the labels (mean over the classes present) and agreement with
+        ``reference`` (Dice with its segmentation), on the slab, predicted within the whole scan."""
+        from prunekit3d.evaluate import dice_and_nsd, mean_dice, segmentation, sliding_window_logits
+
+        logits = sliding_window_logits(model.eval(), self.scan, patch)[..., self.scored]
+        dsc, nsd = dice_and_nsd(logits, self.label, self.spacing, tolerance=max(self.spacing))
+        out = {"dice": float(np.nanmean(dsc.numpy())), "nsd": float(np.nanmean(nsd.numpy()))}
+        if reference is not None:
+            ref = sliding_window_logits(reference.eval(), self.scan, patch)[..., self.scored]
+            out["agreement"] = mean_dice(segmentation(ref), segmentation(logits), ref.shape[0])
+        return out
+
+
+def evaluation(split: HeldoutSplit, preprocessing: Preprocessing) -> Evaluation:
+    """The evaluation slab of ``split`` prepared with ``preprocessing`` (a whole-image record: no resampling)."""
+    from prunekit3d.data import read_labels, read_volumes
+
+    (scan,) = read_volumes(split.context)
+    (slab,) = read_volumes(split.evaluation.image)
+    read_labels(split.evaluation.label, [slab])
+    spacing = tuple(float(s) for s in nib.load(str(split.evaluation.image)).header.get_zooms()[:3])
+    scored = slice(split.evaluation.slices.start, split.evaluation.slices.stop)
+    return Evaluation(preprocessing.apply(scan), torch.from_numpy(slab.label), scored, spacing)  # type: ignore[arg-type]
+
+
+def training_pair(split: HeldoutSplit, preprocessing: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training slab prepared with ``preprocessing`` and its labels, ``((C, X, Y, Z), (X, Y, Z))``."""
+    from prunekit3d.data import read_labels, read_volumes
+
+    (volume,) = read_volumes(split.train.image)
+    read_labels(split.train.label, [volume])
+    return preprocessing.apply(volume), torch.from_numpy(volume.label)

@@ -128,7 +128,9 @@ def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float) -> t
     criterion = _criterion(run, model)
 
     def attempt(r: float) -> tuple[nn.Module, Any, float]:
-        trial = copy.deepcopy(model)  # the gradients Taylor importance reads come along
+        trial = copy.deepcopy(model)
+        for mine, theirs in zip(trial.parameters(), model.parameters()):  # deepcopy drops the gradients Taylor reads
+            mine.grad = None if theirs.grad is None else theirs.grad.clone()
         plan = prune_channels(trial, run.example, ratio=r, **criterion)
         return trial, plan, run.count(trial, kind)
 
