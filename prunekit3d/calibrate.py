@@ -18,19 +18,22 @@ matrix product. Sequential modules, whose branches feed each other, re-run their
 batch by batch. Peak memory is one batch's activations, whatever the number of batches.
 
 Scorers are pluggable: a scorer is a callable ``(module, x, candidates) -> (y_full, errors)``;
-:class:`ReconstructionError` is the default.
+:class:`ReconstructionError` is the default. During the pass every scored module is in *scoring mode*
+(``module.scoring``, which its forward honours; see :mod:`prunekit3d.redundant.modules`), reset afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from prunekit3d.modes import eval_mode
 from prunekit3d.plan import ModuleDecision, PrunePlan
 from prunekit3d.redundant import RedundantModule, SequentialRedundantModule
 from prunekit3d.wrap import redundant_modules, unwrap
@@ -99,13 +102,12 @@ class ReconstructionError:
 
     @staticmethod
     def _rerun(module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
-        forward = type(module).forward  # the class's own forward: calibrate shadows the instance's
-        y = forward(module, x)
+        y = module.compute(x)
         errors = []
         for s in candidates:
             module.mask(s)
             try:
-                errors.append(torch.linalg.vector_norm((y - forward(module, x)).float()))
+                errors.append(torch.linalg.vector_norm((y - module.compute(x)).float()))
             finally:
                 module.unmask(s)
         return y, torch.stack(errors)
@@ -120,12 +122,24 @@ class GateMagnitude:
         self, module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         gates = module.gates.detach().abs().float()
-        return type(module).forward(module, x), torch.stack([gates[list(s)].sum() for s in candidates])
+        return module.compute(x), torch.stack([gates[list(s)].sum() for s in candidates])
 
 
 def candidate_sets(module: RedundantModule, step: int) -> list[Candidate]:
     """All sets of ``step`` active branches, in lexicographic order (the tie-break order)."""
     return list(itertools.combinations(module.active_indices(), step))
+
+
+@contextlib.contextmanager
+def _scoring(observers: Mapping[RedundantModule, Callable[[RedundantModule, torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Each module in scoring mode (its forward calls its observer) for the block; reset on exit."""
+    for m, observe in observers.items():
+        m.scoring = observe
+    try:
+        yield
+    finally:
+        for m in observers:
+            m.scoring = None
 
 
 def _image(batch: Any, image_key: str) -> torch.Tensor:
@@ -176,27 +190,19 @@ def calibrate(
     totals = {name: torch.zeros(len(c), dtype=torch.float64) for name, c in candidates.items()}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
-    def observer(name: str, module: RedundantModule):
-        def forward(x: torch.Tensor) -> torch.Tensor:
+    def observer(name: str) -> Callable[[RedundantModule, torch.Tensor], torch.Tensor]:
+        def score(module: RedundantModule, x: torch.Tensor) -> torch.Tensor:
             y, errors = scorer(module, x, candidates[name])
             totals[name] += errors.detach().to("cpu", torch.float64)
             return y
 
-        return forward
+        return score
 
-    training = model.training
-    model.eval()
-    for name, m in scored.items():
-        m.forward = observer(name, m)  # instance attribute shadows the class method for this pass only
     count = 0
-    try:
+    with eval_mode(model), _scoring({m: observer(name) for name, m in scored.items()}):
         for batch in batches:
             model(_image(batch, image_key).to(device))
             count += 1
-    finally:
-        for m in scored.values():
-            del m.forward
-        model.train(training)
     if count == 0:
         raise ValueError("calibrate got no batches: pass a non-empty iterable of input tensors")
     if dist.is_available() and dist.is_initialized():

@@ -108,6 +108,27 @@ def test_model_state_untouched_by_calibration():
     assert all("forward" not in vars(m) for _, m in pk.redundant_modules(model))
 
 
+def test_a_users_own_instance_forward_survives_calibration_and_tracing():
+    from prunekit3d.channels import build_graph
+
+    model, x = _wrapped_dynunet()
+    reference = calibrate(model, [x], step=1)
+    name, module = pk.redundant_modules(model)[0]
+    calls = []
+
+    def instrumented(inp):  # a user's instrumentation around the module's own forward
+        calls.append(1)
+        return type(module).forward(module, inp)
+
+    module.forward = instrumented
+    plan = calibrate(model, [x], step=1)
+    assert vars(module)["forward"] is instrumented and calls == [1]
+    assert plan.modules == reference.modules  # the module still scored: its forward honours the scoring mode
+    build_graph(model, x)
+    assert vars(module)["forward"] is instrumented and len(calls) == 2
+    assert all(m.scoring is None and not m.tracing for _, m in pk.redundant_modules(model))
+
+
 def test_ties_break_to_first_candidate():
     from prunekit3d.models import psp_seg
 

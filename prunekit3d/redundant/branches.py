@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit3d.tracing import Traceable
+
 __all__ = ["KERNEL_FAMILIES", "Kernel", "LightBranch", "kernel_family", "hidden_channels", "instance_norm"]
 
 Kernel = tuple[int, int, int]
@@ -67,7 +69,7 @@ def hidden_channels(channels: int, exp_ratio: float) -> int:
     return max(1, int(round(channels * exp_ratio)))
 
 
-class LightBranch(nn.Module):
+class LightBranch(Traceable, nn.Module):
     """Light branch (LNB): a 1x1x1 reduction, then a conv of kernel ``kernel`` back to ``channels``.
 
     Args:
@@ -92,8 +94,14 @@ class LightBranch(nn.Module):
         self.norm2 = nn.InstanceNorm3d(channels, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tracing:
+            return self.traceable_forward(x)
         h = instance_norm(self.reduce(x), self.norm1.weight, self.norm1.bias, self.norm1.eps)
         return self.expand(self.act(h))
+
+    def traceable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function with the norms called as modules (for tracers, see :mod:`prunekit3d.tracing`)."""
+        return self.norm2(self.conv(self.act(self.norm1(self.reduce(x)))))
 
     def expand(self, hidden: torch.Tensor) -> torch.Tensor:
         """Second half of the branch, from the already normalised and activated hidden map."""

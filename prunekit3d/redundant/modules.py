@@ -15,23 +15,33 @@ exactly ``f``. The original branch is evaluated as ``torch.lerp(x, f(x), g_0)``,
 ``f(x)`` at ``g_0 = 1``. With no active branch a module is the identity.
 
 The public contract used by calibration, pruning and slimming: ``.branches`` (ModuleList),
-``.gates`` (Parameter), ``.active`` (bool buffer), ``.mask(indices)``, ``.unmask(indices)``.
+``.gates`` (Parameter), ``.active`` (bool buffer), ``.mask(indices)``, ``.unmask(indices)``,
+``.compute(x)`` (the module's function) and ``.contributions(x)`` (each branch's additive term).
+
+``forward`` is ``compute`` except in the two modes the module honours, each set for one pass by the
+code that needs it and reset afterwards (no forward is ever replaced):
+
+- *scoring* (``module.scoring = observer``, by :func:`prunekit3d.calibrate`): ``forward`` returns
+  ``observer(module, x)``, which scores candidate branch sets and returns the module's output;
+- *tracing* (``module.tracing = True``, by :func:`prunekit3d.tracing.tracing`): ``forward`` runs
+  :meth:`RedundantModule.traceable_forward`, every branch called as a module (for torch-pruning).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prunekit3d.redundant.branches import NEGATIVE_SLOPE, LightBranch, hidden_channels, instance_norm, kernel_family
+from prunekit3d.tracing import Traceable
 
 __all__ = ["RedundantModule", "ParallelRedundantModule", "SequentialRedundantModule", "MODES"]
 
 
-class RedundantModule(nn.Module):
+class RedundantModule(Traceable, nn.Module):
     """State shared by the parallel and sequential modules.
 
     Args:
@@ -44,6 +54,8 @@ class RedundantModule(nn.Module):
     """
 
     mode: str = ""
+    #: While set, ``forward`` returns ``scoring(self, x)`` (see the module docstring).
+    scoring: Callable[[RedundantModule, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -95,6 +107,33 @@ class RedundantModule(nn.Module):
     def finish(self, z: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(z, NEGATIVE_SLOPE) if self.out_activation else z
 
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tracing:
+            return self.traceable_forward(x)
+        if self.scoring is not None:
+            return self.scoring(self, x)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output for the current masks and gates, whatever mode it is in."""
+        raise NotImplementedError
+
+    def contributions(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each active branch's additive term: ``compute(x) == finish(x + sum of the terms)``."""
+        raise NotImplementedError
+
+    def traceable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every branch, masked ones too (a restored branch must still fit), called as a module; gates detached
+        (a gate is one scalar per branch, never a channel). For tracers: see :mod:`prunekit3d.tracing`."""
+        sequential = isinstance(self, SequentialRedundantModule)
+        z = x
+        for k, branch in enumerate(self.branches):
+            g = self.gates[k].detach()
+            source = z if sequential else x
+            z = torch.lerp(source, branch(source), g) if self.is_original(k) else z + g * branch(source)
+        return self.finish(z)
+
     def extra_repr(self) -> str:
         kernels = [b.kernel for b in self.branches if isinstance(b, LightBranch)]
         return (
@@ -145,7 +184,7 @@ class ParallelRedundantModule(RedundantModule):
             total = total + t
         return total
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         active = self.active_indices()
         if not active:
             return x
@@ -176,7 +215,7 @@ class SequentialRedundantModule(RedundantModule):
 
     mode = "sequential"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         active = self.active_indices()
         if not active:
             return x
