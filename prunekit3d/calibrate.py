@@ -41,6 +41,8 @@ from prunekit3d.wrap import redundant_modules, unwrap
 __all__ = ["Scorer", "ReconstructionError", "GateMagnitude", "calibrate", "candidate_sets"]
 
 Candidate = tuple[int, ...]
+#: Voxels per block of the float64 Gram product (8 MiB per branch term and block).
+_GRAM_COLUMNS = 1 << 20
 
 
 class Scorer(Protocol):
@@ -82,7 +84,7 @@ class ReconstructionError:
         if not module.out_activation:
             return y, self._from_gram(terms, candidates)
         errors = torch.stack(
-            [torch.linalg.vector_norm((y - _without(module, x, z, terms, s)).float()) for s in candidates]
+            [torch.linalg.vector_norm(y - _without(module, x, z, terms, s), dtype=torch.float64) for s in candidates]
         )
         return y, errors
 
@@ -92,8 +94,14 @@ class ReconstructionError:
         candidate's norm follows from the terms' Gram matrix: one matrix product instead of a pass
         over the activations per candidate."""
         index = {k: i for i, k in enumerate(terms)}
-        flat = torch.stack([t.reshape(-1) for t in terms.values()]).float()
-        gram = (flat @ flat.T).double()
+        flat = [t.reshape(-1) for t in terms.values()]
+        # float64 from the start, in column blocks: a float32 (or TF32) product over millions of voxels
+        # loses the digits that separate close candidates, and a float64 copy of every term at once
+        # would double the activations held.
+        gram = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=flat[0].device)
+        for start in range(0, flat[0].numel(), _GRAM_COLUMNS):
+            block = torch.stack([f[start : start + _GRAM_COLUMNS] for f in flat]).double()
+            gram += block @ block.T
         pick = torch.zeros(len(candidates), len(index), dtype=torch.float64, device=gram.device)
         for row, s in enumerate(candidates):
             pick[row, [index[k] for k in s]] = 1.0
@@ -107,7 +115,7 @@ class ReconstructionError:
         for s in candidates:
             module.mask(s)
             try:
-                errors.append(torch.linalg.vector_norm((y - module.compute(x)).float()))
+                errors.append(torch.linalg.vector_norm(y - module.compute(x), dtype=torch.float64))
             finally:
                 module.unmask(s)
         return y, torch.stack(errors)
@@ -121,7 +129,7 @@ class GateMagnitude:
     def __call__(
         self, module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        gates = module.gates.detach().abs().float()
+        gates = module.gates.detach().abs().double()
         return module.compute(x), torch.stack([gates[list(s)].sum() for s in candidates])
 
 

@@ -227,3 +227,15 @@ def test_restorable_state_lives_in_the_state_dict():
     restore(copy, plan)
     assert all(m.active.all() for _, m in pk.redundant_modules(copy))
     assert all(isinstance(m, RedundantModule) for _, m in pk.redundant_modules(copy))
+
+
+def test_gram_scores_are_float64_from_the_start():
+    # Two candidates whose squared norms differ by 2e-3 over a million voxels: in float32 both round to 2^20.
+    from prunekit3d.calibrate import ReconstructionError
+
+    plain = torch.ones(1, 1, 64, 128, 128)
+    bumped = plain.clone()
+    bumped.view(-1)[12345] = 1.001
+    errors = ReconstructionError._from_gram({1: bumped, 2: plain}, [(1,), (2,)])
+    assert errors.dtype == torch.float64 and errors[0] > errors[1]
+    assert float(errors[0] ** 2 - errors[1] ** 2) == pytest.approx(float(bumped.max()) ** 2 - 1, rel=1e-6)

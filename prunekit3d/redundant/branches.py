@@ -18,7 +18,7 @@ from torch import nn
 
 from prunekit3d.tracing import Traceable
 
-__all__ = ["KERNEL_FAMILIES", "Kernel", "LightBranch", "kernel_family", "hidden_channels", "instance_norm"]
+__all__ = ["KERNEL_FAMILIES", "Kernel", "LightBranch", "blend", "hidden_channels", "instance_norm", "kernel_family"]
 
 Kernel = tuple[int, int, int]
 
@@ -40,6 +40,20 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     (which reshapes into a batch norm), and it accepts a single-voxel input.
     """
     return F.group_norm(x, x.shape[1], weight, bias, eps)
+
+
+def blend(x: torch.Tensor, fx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """An original block's output blended with its input by its gate: ``torch.lerp(x, fx, gate)``.
+
+    Exactly ``fx`` at ``gate = 1``. Under autocast a block may return another dtype than it was given
+    (e.g. bfloat16 in, float32 out of a CPU-autocast average pool, or float32 out of a CUDA-autocast group
+    norm), which ``lerp`` refuses; then both meet in the wider dtype, as ``x + gate * (fx - x)`` would.
+    Equal dtypes (always in plain float32) are not cast, so the bit-exact identity at ``gate = 1`` holds.
+    """
+    if fx.dtype != x.dtype:
+        wide = torch.promote_types(x.dtype, fx.dtype)
+        x, fx = x.to(wide), fx.to(wide)
+    return torch.lerp(x, fx, gate)
 
 
 def kernel_family(branches: int | Sequence[Sequence[int]]) -> tuple[Kernel, ...]:

@@ -12,7 +12,7 @@ scalar gate and switchable on and off through a boolean buffer::
 Branch 0 may be an *original block* ``f`` (a block of a pretrained model that :func:`prunekit3d.wrap`
 replaced); its gate starts at 1 and the light branches' gates at 0, so a freshly built module computes
 exactly ``f``. The original branch is evaluated as ``torch.lerp(x, f(x), g_0)``, which is bit-exact
-``f(x)`` at ``g_0 = 1``. With no active branch a module is the identity.
+``f(x)`` at ``g_0 = 1`` (:func:`~prunekit3d.redundant.branches.blend`, which also serves autocast). With no active branch a module is the identity.
 
 The public contract used by calibration, pruning and slimming: ``.branches`` (ModuleList),
 ``.gates`` (Parameter), ``.active`` (bool buffer), ``.mask(indices)``, ``.unmask(indices)``,
@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit3d.redundant.branches import NEGATIVE_SLOPE, LightBranch, hidden_channels, instance_norm, kernel_family
+from prunekit3d.redundant.branches import (
+    NEGATIVE_SLOPE,
+    LightBranch,
+    blend,
+    hidden_channels,
+    instance_norm,
+    kernel_family,
+)
 from prunekit3d.tracing import Traceable
 
 __all__ = ["RedundantModule", "ParallelRedundantModule", "SequentialRedundantModule", "MODES"]
@@ -99,7 +106,23 @@ class RedundantModule(Traceable, nn.Module):
         self.active[self._check(indices)] = True
 
     def active_indices(self) -> list[int]:
-        return [i for i, a in enumerate(self.active.tolist()) if a]
+        """Indices of the active branches.
+
+        Read from the ``active`` buffer only when it changed, not at every forward: on a GPU each read
+        is a host sync. The cached list is keyed by the buffer object and its version counter, which every
+        in-place write bumps (``mask``, ``m.active[0] = False``, ``copy_``, ``load_state_dict``) and which
+        moving the module replaces. (Writing through ``m.active.data`` bypasses the counter: don't.)
+        """
+        active = self.active
+        try:
+            version = active._version
+        except RuntimeError:  # an inference-mode tensor keeps no version counter: read it every time
+            return [i for i, a in enumerate(active.tolist()) if a]
+        cached = self.__dict__.get("_active_cache")
+        if cached is None or cached[0] is not active or cached[1] != version:
+            cached = (active, version, tuple(i for i, a in enumerate(active.tolist()) if a))
+            self.__dict__["_active_cache"] = cached
+        return list(cached[2])
 
     def is_original(self, index: int) -> bool:
         return self.has_original and index == 0
@@ -131,7 +154,7 @@ class RedundantModule(Traceable, nn.Module):
         for k, branch in enumerate(self.branches):
             g = self.gates[k].detach()
             source = z if sequential else x
-            z = torch.lerp(source, branch(source), g) if self.is_original(k) else z + g * branch(source)
+            z = blend(source, branch(source), g) if self.is_original(k) else z + g * branch(source)
         return self.finish(z)
 
     def extra_repr(self) -> str:
@@ -189,7 +212,7 @@ class ParallelRedundantModule(RedundantModule):
         if not active:
             return x
         light = [k for k in active if not self.is_original(k)]
-        z = torch.lerp(x, self.branches[0](x), self.gates[0]) if self.has_original and active[0] == 0 else x
+        z = blend(x, self.branches[0](x), self.gates[0]) if self.has_original and active[0] == 0 else x
         if light:
             z = z + self._light_sum(x, light)
         return self.finish(z)
@@ -199,7 +222,7 @@ class ParallelRedundantModule(RedundantModule):
         active = self.active_indices()
         out: dict[int, torch.Tensor] = {}
         if self.has_original and active and active[0] == 0:
-            out[0] = torch.lerp(x, self.branches[0](x), self.gates[0]) - x
+            out[0] = blend(x, self.branches[0](x), self.gates[0]) - x
         light = [k for k in active if not self.is_original(k)]
         if light:
             out.update(zip(light, self._light_terms(x, light)))
@@ -222,7 +245,7 @@ class SequentialRedundantModule(RedundantModule):
         z = x
         for k in active:
             if self.is_original(k):
-                z = torch.lerp(z, self.branches[0](z), self.gates[0])
+                z = blend(z, self.branches[0](z), self.gates[0])
             else:
                 z = z + self.gates[k] * self.branches[k](z)
         return self.finish(z)
@@ -232,7 +255,7 @@ class SequentialRedundantModule(RedundantModule):
         out: dict[int, torch.Tensor] = {}
         z = x
         for k in self.active_indices():
-            nxt = torch.lerp(z, self.branches[0](z), self.gates[0]) if self.is_original(k) else z + self.gates[k] * self.branches[k](z)
+            nxt = blend(z, self.branches[0](z), self.gates[0]) if self.is_original(k) else z + self.gates[k] * self.branches[k](z)
             out[k] = nxt - z
             z = nxt
         return out

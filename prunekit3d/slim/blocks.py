@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit3d.redundant.branches import NEGATIVE_SLOPE, Kernel
+from prunekit3d.redundant.branches import NEGATIVE_SLOPE, Kernel, blend
 from prunekit3d.tracing import Traceable
 
 __all__ = ["GatedBlock", "SlimParallel"]
@@ -43,7 +43,7 @@ class GatedBlock(nn.Module):
         self.gate = nn.Parameter(torch.as_tensor(gate).detach().clone().reshape(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.lerp(x, self.block(x), self.gate)
+        return blend(x, self.block(x), self.gate)
 
 
 class SlimParallel(Traceable, nn.Module):
@@ -114,8 +114,12 @@ class SlimParallel(Traceable, nn.Module):
             for part, conv, norm in zip(parts[1:], self.convs[1:], self.norms[1:]):
                 total.add_(norm(conv(part)))  # the first branch's fresh output is the accumulator
             # z + total as the masked module sums (so outputs agree bit for bit), into a fresh buffer
-            # rather than a new allocation: large CPU allocations cost page faults.
-            z = total.add_(z) if self.original is None else z.add_(total)
+            # rather than a new allocation: large CPU allocations cost page faults. Under autocast the two
+            # may differ in dtype: then out of place, promoting as the masked module does.
+            if total.dtype != z.dtype:
+                z = z + total
+            else:
+                z = total.add_(z) if self.original is None else z.add_(total)
         if self.out_activation:
             z = F.leaky_relu(z, NEGATIVE_SLOPE, inplace=z is not x)  # never modify the input in place
         return z
