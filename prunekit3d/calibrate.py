@@ -18,19 +18,22 @@ matrix product. Sequential modules, whose branches feed each other, re-run their
 batch by batch. Peak memory is one batch's activations, whatever the number of batches.
 
 Scorers are pluggable: a scorer is a callable ``(module, x, candidates) -> (y_full, errors)``;
-:class:`ReconstructionError` is the default.
+:class:`ReconstructionError` is the default. During the pass every scored module is in *scoring mode*
+(``module.scoring``, which its forward honours; see :mod:`prunekit3d.redundant.modules`), reset afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from prunekit3d.modes import eval_mode
 from prunekit3d.plan import ModuleDecision, PrunePlan
 from prunekit3d.redundant import RedundantModule, SequentialRedundantModule
 from prunekit3d.wrap import redundant_modules, unwrap
@@ -38,6 +41,8 @@ from prunekit3d.wrap import redundant_modules, unwrap
 __all__ = ["Scorer", "ReconstructionError", "GateMagnitude", "calibrate", "candidate_sets"]
 
 Candidate = tuple[int, ...]
+#: Voxels per block of the float64 Gram product (8 MiB per branch term and block).
+_GRAM_COLUMNS = 1 << 20
 
 
 class Scorer(Protocol):
@@ -79,7 +84,7 @@ class ReconstructionError:
         if not module.out_activation:
             return y, self._from_gram(terms, candidates)
         errors = torch.stack(
-            [torch.linalg.vector_norm((y - _without(module, x, z, terms, s)).float()) for s in candidates]
+            [torch.linalg.vector_norm(y - _without(module, x, z, terms, s), dtype=torch.float64) for s in candidates]
         )
         return y, errors
 
@@ -89,8 +94,14 @@ class ReconstructionError:
         candidate's norm follows from the terms' Gram matrix: one matrix product instead of a pass
         over the activations per candidate."""
         index = {k: i for i, k in enumerate(terms)}
-        flat = torch.stack([t.reshape(-1) for t in terms.values()]).float()
-        gram = (flat @ flat.T).double()
+        flat = [t.reshape(-1) for t in terms.values()]
+        # float64 from the start, in column blocks: a float32 (or TF32) product over millions of voxels
+        # loses the digits that separate close candidates, and a float64 copy of every term at once
+        # would double the activations held.
+        gram = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=flat[0].device)
+        for start in range(0, flat[0].numel(), _GRAM_COLUMNS):
+            block = torch.stack([f[start : start + _GRAM_COLUMNS] for f in flat]).double()
+            gram += block @ block.T
         pick = torch.zeros(len(candidates), len(index), dtype=torch.float64, device=gram.device)
         for row, s in enumerate(candidates):
             pick[row, [index[k] for k in s]] = 1.0
@@ -99,13 +110,12 @@ class ReconstructionError:
 
     @staticmethod
     def _rerun(module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
-        forward = type(module).forward  # the class's own forward: calibrate shadows the instance's
-        y = forward(module, x)
+        y = module.compute(x)
         errors = []
         for s in candidates:
             module.mask(s)
             try:
-                errors.append(torch.linalg.vector_norm((y - forward(module, x)).float()))
+                errors.append(torch.linalg.vector_norm(y - module.compute(x), dtype=torch.float64))
             finally:
                 module.unmask(s)
         return y, torch.stack(errors)
@@ -119,13 +129,25 @@ class GateMagnitude:
     def __call__(
         self, module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        gates = module.gates.detach().abs().float()
-        return type(module).forward(module, x), torch.stack([gates[list(s)].sum() for s in candidates])
+        gates = module.gates.detach().abs().double()
+        return module.compute(x), torch.stack([gates[list(s)].sum() for s in candidates])
 
 
 def candidate_sets(module: RedundantModule, step: int) -> list[Candidate]:
     """All sets of ``step`` active branches, in lexicographic order (the tie-break order)."""
     return list(itertools.combinations(module.active_indices(), step))
+
+
+@contextlib.contextmanager
+def _scoring(observers: Mapping[RedundantModule, Callable[[RedundantModule, torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Each module in scoring mode (its forward calls its observer) for the block; reset on exit."""
+    for m, observe in observers.items():
+        m.scoring = observe
+    try:
+        yield
+    finally:
+        for m in observers:
+            m.scoring = None
 
 
 def _image(batch: Any, image_key: str) -> torch.Tensor:
@@ -176,27 +198,19 @@ def calibrate(
     totals = {name: torch.zeros(len(c), dtype=torch.float64) for name, c in candidates.items()}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
-    def observer(name: str, module: RedundantModule):
-        def forward(x: torch.Tensor) -> torch.Tensor:
+    def observer(name: str) -> Callable[[RedundantModule, torch.Tensor], torch.Tensor]:
+        def score(module: RedundantModule, x: torch.Tensor) -> torch.Tensor:
             y, errors = scorer(module, x, candidates[name])
             totals[name] += errors.detach().to("cpu", torch.float64)
             return y
 
-        return forward
+        return score
 
-    training = model.training
-    model.eval()
-    for name, m in scored.items():
-        m.forward = observer(name, m)  # instance attribute shadows the class method for this pass only
     count = 0
-    try:
+    with eval_mode(model), _scoring({m: observer(name) for name, m in scored.items()}):
         for batch in batches:
             model(_image(batch, image_key).to(device))
             count += 1
-    finally:
-        for m in scored.values():
-            del m.forward
-        model.train(training)
     if count == 0:
         raise ValueError("calibrate got no batches: pass a non-empty iterable of input tensors")
     if dist.is_available() and dist.is_initialized():

@@ -108,6 +108,27 @@ def test_model_state_untouched_by_calibration():
     assert all("forward" not in vars(m) for _, m in pk.redundant_modules(model))
 
 
+def test_a_users_own_instance_forward_survives_calibration_and_tracing():
+    from prunekit3d.channels import build_graph
+
+    model, x = _wrapped_dynunet()
+    reference = calibrate(model, [x], step=1)
+    name, module = pk.redundant_modules(model)[0]
+    calls = []
+
+    def instrumented(inp):  # a user's instrumentation around the module's own forward
+        calls.append(1)
+        return type(module).forward(module, inp)
+
+    module.forward = instrumented
+    plan = calibrate(model, [x], step=1)
+    assert vars(module)["forward"] is instrumented and calls == [1]
+    assert plan.modules == reference.modules  # the module still scored: its forward honours the scoring mode
+    build_graph(model, x)
+    assert vars(module)["forward"] is instrumented and len(calls) == 2
+    assert all(m.scoring is None and not m.tracing for _, m in pk.redundant_modules(model))
+
+
 def test_ties_break_to_first_candidate():
     from prunekit3d.models import psp_seg
 
@@ -206,3 +227,15 @@ def test_restorable_state_lives_in_the_state_dict():
     restore(copy, plan)
     assert all(m.active.all() for _, m in pk.redundant_modules(copy))
     assert all(isinstance(m, RedundantModule) for _, m in pk.redundant_modules(copy))
+
+
+def test_gram_scores_are_float64_from_the_start():
+    # Two candidates whose squared norms differ by 2e-3 over a million voxels: in float32 both round to 2^20.
+    from prunekit3d.calibrate import ReconstructionError
+
+    plain = torch.ones(1, 1, 64, 128, 128)
+    bumped = plain.clone()
+    bumped.view(-1)[12345] = 1.001
+    errors = ReconstructionError._from_gram({1: bumped, 2: plain}, [(1,), (2,)])
+    assert errors.dtype == torch.float64 and errors[0] > errors[1]
+    assert float(errors[0] ** 2 - errors[1] ** 2) == pytest.approx(float(bumped.max()) ** 2 - 1, rel=1e-6)

@@ -32,9 +32,9 @@ def test_a_folder_prunekit3d_did_not_write_is_refused_and_untouched_even_with_ov
         check_output_dir(data, overwrite=True)
     with pytest.raises(FileExistsError, match="not a directory prunekit3d wrote"):
         save(torch.nn.Conv3d(1, 2, 3), data, overwrite=True)
-    with pytest.raises(FileExistsError, match="not a directory prunekit3d wrote"):  # the writers' own check
-        with atomic_directory(data, overwrite=True) as tmp:
-            (tmp / "manifest.json").write_text(json.dumps({"format": "prunekit3d.artifact"}))
+    refused = pytest.raises(FileExistsError, match="not a directory prunekit3d wrote")
+    with refused, atomic_directory(data, overwrite=True) as tmp:  # the writers' own check
+        (tmp / "manifest.json").write_text(json.dumps({"format": "prunekit3d.artifact"}))
     assert _snapshot(data) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temporary or moved-aside directory
 
@@ -117,10 +117,10 @@ def test_a_writer_may_replace_its_own_earlier_directory(tmp_path):
             (tmp / "model.safetensors").write_bytes(b"w")
     assert json.loads((ckpt / "state.json").read_text()) == {"step": 2}
     (ckpt / "theirs.txt").write_text("someone else's")  # an entry the writer does not rewrite
-    with pytest.raises(FileExistsError, match="not a directory prunekit3d wrote"):
-        with atomic_directory(ckpt, overwrite=True) as tmp:
-            (tmp / "state.json").write_text(json.dumps({"step": 3}))
-            (tmp / "model.safetensors").write_bytes(b"w")
+    refused = pytest.raises(FileExistsError, match="not a directory prunekit3d wrote")
+    with refused, atomic_directory(ckpt, overwrite=True) as tmp:
+        (tmp / "state.json").write_text(json.dumps({"step": 3}))
+        (tmp / "model.safetensors").write_bytes(b"w")
     assert json.loads((ckpt / "state.json").read_text()) == {"step": 2}
     assert (ckpt / "theirs.txt").read_text() == "someone else's"
 

@@ -91,3 +91,62 @@ def test_masked_branch_gets_no_gradient_active_ones_do():
     g = m.gates.grad
     assert g[1] == 0 and torch.all(g[[0, 2, 3]] != 0)
     assert m.branches[1].reduce.weight.grad is None
+
+
+# ---- the mask is read without a host sync per forward ------------------------------------------------------
+class _Reads(torch.overrides.TorchFunctionMode):
+    """Counts ``tolist`` calls: each is a device-to-host copy (a sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.Tensor.tolist
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls", [ParallelRedundantModule, SequentialRedundantModule])
+def test_the_mask_is_read_once_until_it_changes(cls):
+    m = cls(8, branches=4, original=nn.Conv3d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 8, 4, 4, 4)
+    with torch.no_grad():
+        m(x)
+        with _Reads() as counter:
+            for _ in range(3):
+                m(x)
+        assert counter.reads == 0
+        m.mask([1])
+        with _Reads() as counter:
+            m(x)
+            m(x)
+        assert counter.reads == 1
+
+
+def test_every_way_of_changing_the_mask_is_seen():
+    m = ParallelRedundantModule(8, branches=4, original=nn.Conv3d(8, 8, 3, padding=1)).eval()
+    assert m.active_indices() == [0, 1, 2, 3, 4]
+    m.active[0] = False  # an in-place write into the buffer
+    assert m.active_indices() == [1, 2, 3, 4]
+    m.active.copy_(torch.tensor([True, False, True, False, True]))
+    assert m.active_indices() == [0, 2, 4]
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    m.unmask([1, 3])
+    assert m.active_indices() == [0, 1, 2, 3, 4]
+    m.load_state_dict(state)
+    assert m.active_indices() == [0, 2, 4]
+    m.active = torch.ones(5, dtype=torch.bool)  # a new buffer object
+    assert m.active_indices() == [0, 1, 2, 3, 4]
+    m.to(torch.float64)
+    m.active[4] = False
+    assert m.active_indices() == [0, 1, 2, 3]
+    x = torch.randn(1, 8, 4, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        m.gates.fill_(0.5)  # every branch changes the output
+        reference = m.compute(x)
+        m.active[3] = False
+        assert not torch.equal(m(x), reference)  # the forward follows the write too
+    with torch.inference_mode():
+        fresh = ParallelRedundantModule(8, branches=4)  # inference tensors keep no version counter
+        fresh.active[0] = False
+        assert fresh.active_indices() == [1, 2, 3]

@@ -66,7 +66,7 @@ def test_flops_are_multiply_adds_counted_by_hand(conv, shape, macs) -> None:
 
 
 def test_one_flop_counter_everywhere() -> None:
-    import prunekit3d.channels as channels
+    from prunekit3d import channels
     from prunekit3d.channels import count_flops as torch_flops  # the name the recipes import
 
     assert torch_flops is channels.count_flops is count_flops

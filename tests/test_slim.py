@@ -173,7 +173,9 @@ def test_slim_refuses_a_plain_model() -> None:
         slim(nn.Sequential(nn.Conv3d(1, 1, 1)))
 
 
-def test_slim_inplace_and_hooks() -> None:
+def test_slim_keeps_hooks_and_their_owners_remove_them() -> None:
+    from prunekit3d.fd import FDLoss
+
     model, x = _wrapped("psp_seg_s")
     calls: list[str] = []
 
@@ -183,14 +185,19 @@ def test_slim_inplace_and_hooks() -> None:
     def kit_hook(module: nn.Module, args: tuple, out: object) -> None:
         calls.append("kit")
 
-    kit_hook.__module__ = "prunekit3d.fd"  # as if registered by prunekit3d's own training code
+    kit_hook.__module__ = "prunekit3d.fd"  # slim does not judge a hook by the name of its function's module
     model.encoder.stem.register_forward_hook(user_hook)
     model.encoder.stem.register_forward_hook(kit_hook)
+    fd = FDLoss(model, x, mask_value=0.0)
+    hooked = {m for m in model.modules() if m._forward_hooks}
+    fd.close()  # the owner removes its own hooks
+    assert {m for m in model.modules() if m._forward_hooks} == {model.encoder.stem} < hooked
     small = slim(model, inplace=True)
     assert small is model and not redundant_modules(model)
+    calls.clear()  # FDLoss's feature search ran a forward too
     with torch.no_grad():
         small(x)
-    assert calls == ["user"]
+    assert calls == ["user", "kit"]
 
 
 def test_export_onnx_and_torchscript(tmp_path) -> None:

@@ -23,43 +23,42 @@ skip tensor then cannot be inferred, and building the graph of a concatenation U
 3. **Layers used functionally.** A parallel redundant module concatenates its light branches' 1x1
    weights and calls ``F.conv3d`` (torch-pruning would take it for an element-wise op and couple the
    block's channels with the hidden ones), and light branches run their norms functionally (their
-   affine parameters would never be pruned). Fix: while tracing, light branches, redundant modules
-   and slim blocks run the forwards of :data:`TRACE_FORWARDS`, which call every layer as a module:
-   every branch of a redundant module (masked ones too, so that a restored branch still fits),
-   gates detached (a gate is one scalar per branch, never a channel). The traced graph couples each
-   branch's hidden channels (reduce -> norm -> conv) and ties the block's channels to its residual
-   path and its original block, which keeps them consistent.
+   affine parameters would never be pruned). Fix: the tracing forward runs in
+   :func:`prunekit3d.tracing.tracing` mode, in which light branches, redundant modules and slim blocks
+   call every layer as a module (their ``traceable_forward``): every branch of a redundant module
+   (masked ones too, so that a restored branch still fits), gates detached (a gate is one scalar per
+   branch, never a channel). The traced graph couples each branch's hidden channels
+   (reduce -> norm -> conv) and ties the block's channels to its residual path and its original block,
+   which keeps them consistent.
 
 Beside these, :class:`GroupNormPruner` keeps ``num_groups`` right for ``nn.GroupNorm(C, C)``, the
 instance norm of slim blocks (torch-pruning's own group-norm pruner never changes ``num_groups``).
 
 All of this is scoped to one tracing forward (:func:`build_graph`'s ``forward_fn``, torch-pruning's
-documented hook for custom forwards) and undone afterwards; torch-pruning itself is not patched.
+documented hook for custom forwards) and undone afterwards: the hooks registered here are removed by
+their handles, the modes reset; no forward is replaced and torch-pruning itself is not patched.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 from torch_pruning.pruner.function import BasePruningFunc
 
 from prunekit3d.modes import kept_modes
-from prunekit3d.redundant import LightBranch, RedundantModule, SequentialRedundantModule
-from prunekit3d.redundant.branches import NEGATIVE_SLOPE
+from prunekit3d.redundant import RedundantModule
 from prunekit3d.slim.blocks import GatedBlock, SlimParallel
+from prunekit3d.tracing import tracing
 from prunekit3d.wrap import unwrap
 
 __all__ = [
     "GroupNormPruner",
     "SharedPReLUPruner",
-    "TRACE_FORWARDS",
     "build_graph",
     "channel_groups",
     "gate_parameters",
@@ -128,50 +127,6 @@ class GroupNormPruner(tp.pruner.function.GroupNormPruner):
     get_in_channel_groups = get_out_channel_groups
 
 
-def _light_forward(b: LightBranch) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return b.norm2(b.conv(b.act(b.norm1(b.reduce(x)))))
-
-    return forward
-
-
-def _redundant_forward(m: RedundantModule) -> Callable[[torch.Tensor], torch.Tensor]:
-    sequential = isinstance(m, SequentialRedundantModule)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        z = x
-        for k, branch in enumerate(m.branches):  # every branch: masked ones must still fit when restored
-            g = m.gates[k].detach()
-            source = z if sequential else x
-            z = torch.lerp(source, branch(source), g) if m.is_original(k) else z + g * branch(source)
-        return m.finish(z)
-
-    return forward
-
-
-def _slim_forward(m: SlimParallel) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        z = m.original(x) if m.original is not None else x
-        if m.kernels:
-            hidden = F.leaky_relu(m.norm1(m.reduce(x)), NEGATIVE_SLOPE)
-            parts = hidden.split(m.hidden, dim=1) if len(m.hidden) > 1 else (hidden,)
-            for part, conv, norm in zip(parts, m.convs, m.norms):
-                z = z + norm(conv(part))
-        return F.leaky_relu(z, NEGATIVE_SLOPE) if m.out_activation else z
-
-    return forward
-
-
-#: Forwards through sub-modules, by class, used while tracing. These modules' own forwards run their
-#: norms functionally or fuse branches with ``torch.cat`` of weights (for speed); torch-pruning only
-#: sees modules, so it would miss those norms and take the fused convolution for an element-wise op.
-TRACE_FORWARDS: dict[type, Callable[[Any], Callable[[torch.Tensor], torch.Tensor]]] = {
-    LightBranch: _light_forward,
-    RedundantModule: _redundant_forward,
-    SlimParallel: _slim_forward,
-}
-
-
 def _copy_views(module: nn.Module, args: tuple, output: object) -> object:
     # Runs before torch-pruning's hook, which then records the copy's grad_fn (fix 1 above).
     if isinstance(output, torch.Tensor) and output._is_view():
@@ -188,8 +143,8 @@ def traceable_forward(model: nn.Module, prelu: SharedPReLUPruner | None = None) 
     """Within the block, ``model``'s forward is one that torch-pruning can trace (see module docstring).
 
     The model runs in training mode, so that training-only outputs (DynUNet's deep-supervision heads)
-    are traced too; on exit its modes, buffers (norm running statistics), forwards and the random
-    number generators (dropout) are as before.
+    are traced too, and in :func:`prunekit3d.tracing.tracing` mode; on exit its modes, buffers (norm
+    running statistics), hooks and the random number generators (dropout) are as before.
     """
 
     def count_channels(module: nn.PReLU, args: tuple) -> None:
@@ -197,15 +152,11 @@ def traceable_forward(model: nn.Module, prelu: SharedPReLUPruner | None = None) 
 
     modes = {m: m.training for m in model.modules()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    handles, patched = [], []
+    handles = []
     try:
-        with torch.random.fork_rng(devices=_rng_devices(model)):
+        with torch.random.fork_rng(devices=_rng_devices(model)), tracing(model):
             for m in model.modules():
                 handles.append(m.register_forward_hook(_copy_views, prepend=True))
-                trace = next((f for cls, f in TRACE_FORWARDS.items() if isinstance(m, cls)), None)
-                if trace is not None:
-                    m.forward = trace(m)  # an instance attribute shadows the class's forward
-                    patched.append(m)
                 if prelu is not None and isinstance(m, nn.PReLU) and m.num_parameters == 1:
                     handles.append(m.register_forward_pre_hook(count_channels))
             model.train()
@@ -213,8 +164,6 @@ def traceable_forward(model: nn.Module, prelu: SharedPReLUPruner | None = None) 
     finally:
         for h in handles:
             h.remove()
-        for m in patched:
-            del m.forward
         with torch.no_grad():
             for name, b in model.named_buffers():
                 if name in buffers:

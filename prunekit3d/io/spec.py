@@ -32,7 +32,6 @@ import difflib
 import importlib
 import importlib.util
 import inspect
-import json
 import math
 import os
 import types

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KERNEL_FAMILIES", "Kernel", "LightBranch", "kernel_family", "hidden_channels", "instance_norm"]
+from prunekit3d.tracing import Traceable
+
+__all__ = ["KERNEL_FAMILIES", "Kernel", "LightBranch", "blend", "hidden_channels", "instance_norm", "kernel_family"]
 
 Kernel = tuple[int, int, int]
 
@@ -38,6 +40,20 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     (which reshapes into a batch norm), and it accepts a single-voxel input.
     """
     return F.group_norm(x, x.shape[1], weight, bias, eps)
+
+
+def blend(x: torch.Tensor, fx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """An original block's output blended with its input by its gate: ``torch.lerp(x, fx, gate)``.
+
+    Exactly ``fx`` at ``gate = 1``. Under autocast a block may return another dtype than it was given
+    (e.g. bfloat16 in, float32 out of a CPU-autocast average pool, or float32 out of a CUDA-autocast group
+    norm), which ``lerp`` refuses; then both meet in the wider dtype, as ``x + gate * (fx - x)`` would.
+    Equal dtypes (always in plain float32) are not cast, so the bit-exact identity at ``gate = 1`` holds.
+    """
+    if fx.dtype != x.dtype:
+        wide = torch.promote_types(x.dtype, fx.dtype)
+        x, fx = x.to(wide), fx.to(wide)
+    return torch.lerp(x, fx, gate)
 
 
 def kernel_family(branches: int | Sequence[Sequence[int]]) -> tuple[Kernel, ...]:
@@ -67,7 +83,7 @@ def hidden_channels(channels: int, exp_ratio: float) -> int:
     return max(1, int(round(channels * exp_ratio)))
 
 
-class LightBranch(nn.Module):
+class LightBranch(Traceable, nn.Module):
     """Light branch (LNB): a 1x1x1 reduction, then a conv of kernel ``kernel`` back to ``channels``.
 
     Args:
@@ -92,8 +108,14 @@ class LightBranch(nn.Module):
         self.norm2 = nn.InstanceNorm3d(channels, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tracing:
+            return self.traceable_forward(x)
         h = instance_norm(self.reduce(x), self.norm1.weight, self.norm1.bias, self.norm1.eps)
         return self.expand(self.act(h))
+
+    def traceable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function with the norms called as modules (for tracers, see :mod:`prunekit3d.tracing`)."""
+        return self.norm2(self.conv(self.act(self.norm1(self.reduce(x)))))
 
     def expand(self, hidden: torch.Tensor) -> torch.Tensor:
         """Second half of the branch, from the already normalised and activated hidden map."""

@@ -12,26 +12,43 @@ scalar gate and switchable on and off through a boolean buffer::
 Branch 0 may be an *original block* ``f`` (a block of a pretrained model that :func:`prunekit3d.wrap`
 replaced); its gate starts at 1 and the light branches' gates at 0, so a freshly built module computes
 exactly ``f``. The original branch is evaluated as ``torch.lerp(x, f(x), g_0)``, which is bit-exact
-``f(x)`` at ``g_0 = 1``. With no active branch a module is the identity.
+``f(x)`` at ``g_0 = 1`` (:func:`~prunekit3d.redundant.branches.blend`, which also serves autocast). With no active branch a module is the identity.
 
 The public contract used by calibration, pruning and slimming: ``.branches`` (ModuleList),
-``.gates`` (Parameter), ``.active`` (bool buffer), ``.mask(indices)``, ``.unmask(indices)``.
+``.gates`` (Parameter), ``.active`` (bool buffer), ``.mask(indices)``, ``.unmask(indices)``,
+``.compute(x)`` (the module's function) and ``.contributions(x)`` (each branch's additive term).
+
+``forward`` is ``compute`` except in the two modes the module honours, each set for one pass by the
+code that needs it and reset afterwards (no forward is ever replaced):
+
+- *scoring* (``module.scoring = observer``, by :func:`prunekit3d.calibrate`): ``forward`` returns
+  ``observer(module, x)``, which scores candidate branch sets and returns the module's output;
+- *tracing* (``module.tracing = True``, by :func:`prunekit3d.tracing.tracing`): ``forward`` runs
+  :meth:`RedundantModule.traceable_forward`, every branch called as a module (for torch-pruning).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit3d.redundant.branches import NEGATIVE_SLOPE, LightBranch, hidden_channels, instance_norm, kernel_family
+from prunekit3d.redundant.branches import (
+    NEGATIVE_SLOPE,
+    LightBranch,
+    blend,
+    hidden_channels,
+    instance_norm,
+    kernel_family,
+)
+from prunekit3d.tracing import Traceable
 
 __all__ = ["RedundantModule", "ParallelRedundantModule", "SequentialRedundantModule", "MODES"]
 
 
-class RedundantModule(nn.Module):
+class RedundantModule(Traceable, nn.Module):
     """State shared by the parallel and sequential modules.
 
     Args:
@@ -44,6 +61,8 @@ class RedundantModule(nn.Module):
     """
 
     mode: str = ""
+    #: While set, ``forward`` returns ``scoring(self, x)`` (see the module docstring).
+    scoring: Callable[[RedundantModule, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -87,13 +106,56 @@ class RedundantModule(nn.Module):
         self.active[self._check(indices)] = True
 
     def active_indices(self) -> list[int]:
-        return [i for i, a in enumerate(self.active.tolist()) if a]
+        """Indices of the active branches.
+
+        Read from the ``active`` buffer only when it changed, not at every forward: on a GPU each read
+        is a host sync. The cached list is keyed by the buffer object and its version counter, which every
+        in-place write bumps (``mask``, ``m.active[0] = False``, ``copy_``, ``load_state_dict``) and which
+        moving the module replaces. (Writing through ``m.active.data`` bypasses the counter: don't.)
+        """
+        active = self.active
+        try:
+            version = active._version
+        except RuntimeError:  # an inference-mode tensor keeps no version counter: read it every time
+            return [i for i, a in enumerate(active.tolist()) if a]
+        cached = self.__dict__.get("_active_cache")
+        if cached is None or cached[0] is not active or cached[1] != version:
+            cached = (active, version, tuple(i for i, a in enumerate(active.tolist()) if a))
+            self.__dict__["_active_cache"] = cached
+        return list(cached[2])
 
     def is_original(self, index: int) -> bool:
         return self.has_original and index == 0
 
     def finish(self, z: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(z, NEGATIVE_SLOPE) if self.out_activation else z
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tracing:
+            return self.traceable_forward(x)
+        if self.scoring is not None:
+            return self.scoring(self, x)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output for the current masks and gates, whatever mode it is in."""
+        raise NotImplementedError
+
+    def contributions(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each active branch's additive term: ``compute(x) == finish(x + sum of the terms)``."""
+        raise NotImplementedError
+
+    def traceable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every branch, masked ones too (a restored branch must still fit), called as a module; gates detached
+        (a gate is one scalar per branch, never a channel). For tracers: see :mod:`prunekit3d.tracing`."""
+        sequential = isinstance(self, SequentialRedundantModule)
+        z = x
+        for k, branch in enumerate(self.branches):
+            g = self.gates[k].detach()
+            source = z if sequential else x
+            z = blend(source, branch(source), g) if self.is_original(k) else z + g * branch(source)
+        return self.finish(z)
 
     def extra_repr(self) -> str:
         kernels = [b.kernel for b in self.branches if isinstance(b, LightBranch)]
@@ -145,12 +207,12 @@ class ParallelRedundantModule(RedundantModule):
             total = total + t
         return total
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         active = self.active_indices()
         if not active:
             return x
         light = [k for k in active if not self.is_original(k)]
-        z = torch.lerp(x, self.branches[0](x), self.gates[0]) if self.has_original and active[0] == 0 else x
+        z = blend(x, self.branches[0](x), self.gates[0]) if self.has_original and active[0] == 0 else x
         if light:
             z = z + self._light_sum(x, light)
         return self.finish(z)
@@ -160,7 +222,7 @@ class ParallelRedundantModule(RedundantModule):
         active = self.active_indices()
         out: dict[int, torch.Tensor] = {}
         if self.has_original and active and active[0] == 0:
-            out[0] = torch.lerp(x, self.branches[0](x), self.gates[0]) - x
+            out[0] = blend(x, self.branches[0](x), self.gates[0]) - x
         light = [k for k in active if not self.is_original(k)]
         if light:
             out.update(zip(light, self._light_terms(x, light)))
@@ -176,14 +238,14 @@ class SequentialRedundantModule(RedundantModule):
 
     mode = "sequential"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         active = self.active_indices()
         if not active:
             return x
         z = x
         for k in active:
             if self.is_original(k):
-                z = torch.lerp(z, self.branches[0](z), self.gates[0])
+                z = blend(z, self.branches[0](z), self.gates[0])
             else:
                 z = z + self.gates[k] * self.branches[k](z)
         return self.finish(z)
@@ -193,7 +255,7 @@ class SequentialRedundantModule(RedundantModule):
         out: dict[int, torch.Tensor] = {}
         z = x
         for k in self.active_indices():
-            nxt = torch.lerp(z, self.branches[0](z), self.gates[0]) if self.is_original(k) else z + self.gates[k] * self.branches[k](z)
+            nxt = blend(z, self.branches[0](z), self.gates[0]) if self.is_original(k) else z + self.gates[k] * self.branches[k](z)
             out[k] = nxt - z
             z = nxt
         return out

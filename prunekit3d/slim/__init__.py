@@ -9,7 +9,8 @@ Each redundant module is replaced by a block built from its *active* branches on
     light (+ original) (PRM)      SlimParallel: one fused 1x1 reduction, a k-conv per branch, gates folded
     any (SRM)                     the active steps in order (GatedBlock / one-branch SlimParallel)
 
-Masked branches, light-branch gates, ``active``/``restorable`` buffers and prunekit3d hooks are gone.
+Masked branches, light-branch gates and ``active``/``restorable`` buffers are gone. Hooks stay where
+they are (a copy carries them along): whoever registered one removes it (``FDLoss.close()``, a handle).
 The original block keeps its gate (a ``GatedBlock``) even when it is exactly 1: ``f`` may be any block,
 so the gate cannot be folded into it, and dropping it at 1 would make the architecture depend on a
 gate value. ``lerp`` costs what the residual add costs.
@@ -122,32 +123,13 @@ def slim_module(m: RedundantModule) -> nn.Module:
     return out.train(m.training)  # type: ignore[union-attr]
 
 
-def _is_prunekit3d_hook(hook: object) -> bool:
-    fn = getattr(hook, "__func__", None) or getattr(hook, "func", None) or hook
-    return str(getattr(fn, "__module__", "")).startswith("prunekit3d")
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
-
-
-def _drop_prunekit3d_hooks(model: nn.Module) -> None:
-    """Remove hooks that prunekit3d code registered (a calibration or FD hook left behind); keep the user's."""
-    for module in model.modules():
-        for attr in _HOOK_DICTS:
-            hooks = getattr(module, attr, {})
-            for key in [k for k, h in hooks.items() if _is_prunekit3d_hook(h)]:
-                del hooks[key]
-                for flags in _HOOK_FLAGS:
-                    getattr(module, flags, {}).pop(key, None)
-
-
 def slim(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace every redundant module of ``model`` by a plain block built from its active branches.
 
     The result computes what the masked model computes (bit for bit for parallel modules, to float
-    rounding for sequential ones), holds no masked branch, light-branch gate, mask buffer or prunekit3d
-    hook, and traces / exports to ONNX like any network (see :mod:`prunekit3d.export`).
+    rounding for sequential ones), holds no masked branch, light-branch gate or mask buffer, and traces /
+    exports to ONNX like any network (see :mod:`prunekit3d.export`). Forward hooks on modules that stay
+    are kept, in the copy too: close an :class:`~prunekit3d.FDLoss` before slimming what it watched.
 
     Args:
         model: a model holding redundant modules (from :func:`prunekit3d.wrap`, or a PSP-Seg network).
@@ -180,5 +162,4 @@ def slim(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if m is model:
             return slim_module(m)
         _replace(model, m, slim_module(m))
-    _drop_prunekit3d_hooks(model)
     return model

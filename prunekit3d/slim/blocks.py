@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit3d.redundant.branches import NEGATIVE_SLOPE, Kernel
+from prunekit3d.redundant.branches import NEGATIVE_SLOPE, Kernel, blend
+from prunekit3d.tracing import Traceable
 
 __all__ = ["GatedBlock", "SlimParallel"]
 
@@ -42,10 +43,10 @@ class GatedBlock(nn.Module):
         self.gate = nn.Parameter(torch.as_tensor(gate).detach().clone().reshape(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.lerp(x, self.block(x), self.gate)
+        return blend(x, self.block(x), self.gate)
 
 
-class SlimParallel(nn.Module):
+class SlimParallel(Traceable, nn.Module):
     """The active branches of a parallel redundant module, fused::
 
         x ---------------- [GatedBlock: lerp(x, f(x), g_0)] ---------------------------- z
@@ -103,6 +104,8 @@ class SlimParallel(nn.Module):
         self.norms = nn.ModuleList(_instance_norm(channels, eps, **kw) for _ in self.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tracing:
+            return self.traceable_forward(x)
         z = self.original(x) if self.original is not None else x
         if self.kernels:
             hid = F.leaky_relu(self.norm1(self.reduce(x)), NEGATIVE_SLOPE, inplace=True)
@@ -111,11 +114,26 @@ class SlimParallel(nn.Module):
             for part, conv, norm in zip(parts[1:], self.convs[1:], self.norms[1:]):
                 total.add_(norm(conv(part)))  # the first branch's fresh output is the accumulator
             # z + total as the masked module sums (so outputs agree bit for bit), into a fresh buffer
-            # rather than a new allocation: large CPU allocations cost page faults.
-            z = total.add_(z) if self.original is None else z.add_(total)
+            # rather than a new allocation: large CPU allocations cost page faults. Under autocast the two
+            # may differ in dtype: then out of place, promoting as the masked module does.
+            if total.dtype != z.dtype:
+                z = z + total
+            else:
+                z = total.add_(z) if self.original is None else z.add_(total)
         if self.out_activation:
             z = F.leaky_relu(z, NEGATIVE_SLOPE, inplace=z is not x)  # never modify the input in place
         return z
+
+    def traceable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function without in-place ops, whose rewritten autograd history a tracer cannot follow
+        (see :mod:`prunekit3d.tracing`)."""
+        z = self.original(x) if self.original is not None else x
+        if self.kernels:
+            hidden = F.leaky_relu(self.norm1(self.reduce(x)), NEGATIVE_SLOPE)
+            parts = hidden.split(self.hidden, dim=1) if len(self.hidden) > 1 else (hidden,)
+            for part, conv, norm in zip(parts, self.convs, self.norms):
+                z = z + norm(conv(part))
+        return F.leaky_relu(z, NEGATIVE_SLOPE) if self.out_activation else z
 
     def extra_repr(self) -> str:
         return f"kernels={self.kernels}, hidden={self.hidden}, out_activation={self.out_activation}"
