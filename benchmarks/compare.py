@@ -103,27 +103,28 @@ def pruned(build: Callable[[], nn.Module], patches: list[torch.Tensor]) -> Calla
 
 
 def demo_pair(console: Console) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
-    """The demo baseline and its compressed version (compress run here, label-free, on the sample)."""
-    from prunekit3d.evaluate import label_dice
-    from prunekit3d.recipes.compress import CompressConfig, compress
-    from prunekit3d.recipes.demo import BASELINE_SPEC, PATCH, _sample_volume, baseline
-    from prunekit3d.sample import sample_dataset
-
+    """The demo baseline and its compressed version (compress run here, label-free, on the calibration images),
+    Dice measured on the held-out evaluation slab."""
     import safetensors.torch
+
+    from prunekit3d.recipes.compress import CompressConfig, compress
+    from prunekit3d.recipes.demo import BASELINE_SPEC, PATCH, PREPROCESSING, baseline, demo_data
 
     model, _ = baseline(console)
     with tempfile.TemporaryDirectory() as tmp:
+        split, _, held_out = demo_data(Path(tmp) / "data")
         checkpoint = Path(tmp) / "baseline.safetensors"
         safetensors.torch.save_model(model, str(checkpoint))
         result = compress(
-            CompressConfig(checkpoint=str(checkpoint), out=str(Path(tmp) / "compressed"), calib=str(sample_dataset()),
+            CompressConfig(checkpoint=str(checkpoint), out=str(Path(tmp) / "compressed"),
+                           calib=str(split.calibration_dir), preprocessing=PREPROCESSING,
                            model=BASELINE_SPEC["import_path"], model_kwargs=BASELINE_SPEC["kwargs"],
-                           target_params=0.5, patch=PATCH, device="cpu"),
+                           target_flops=0.5, patch=PATCH, device="cpu"),
             console=Console(quiet=True),
         )
-    small = result.model.cpu()
-    image, label = _sample_volume()
-    dsc = {name: label_dice(m, [image], [label], PATCH) for name, m in (("baseline", model), ("compressed", small))}
+        small = result.model.cpu()
+        dsc = {name: held_out.scores(m, None, PATCH)["dice"]
+               for name, m in (("baseline", model), ("compressed", small))}
     return model, small, {"dsc": dsc, "agreement_dice": result.report["agreement_dice"]}
 
 

@@ -38,15 +38,15 @@ def networks(console: Console) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
 
     from prunekit3d.models import psp_seg
     from prunekit3d.recipes.compress import CompressConfig, compress
-    from prunekit3d.recipes.demo import BASELINE_SPEC, PATCH, baseline
-    from prunekit3d.sample import sample_dataset
+    from prunekit3d.recipes.demo import BASELINE_SPEC, PATCH, PREPROCESSING, baseline, demo_data
 
     base, _ = baseline(console)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "baseline.safetensors"
         safetensors.torch.save_model(base, str(checkpoint))
         console.print("compressing the demo baseline (as `prunekit3d demo` does) ...")
-        small = compress(CompressConfig(checkpoint=str(checkpoint), out=str(Path(tmp) / "c"), calib=str(sample_dataset()),
+        small = compress(CompressConfig(checkpoint=str(checkpoint), out=str(Path(tmp) / "c"), calib=str(demo_data(Path(tmp) / "data")[0].calibration_dir),
+                                        preprocessing=PREPROCESSING,
                                         model=BASELINE_SPEC["import_path"], model_kwargs=BASELINE_SPEC["kwargs"],
                                         target_params=0.5, patch=PATCH, device="cpu"), console=Console(quiet=True)).model
     torch.manual_seed(0)

@@ -26,6 +26,8 @@ FAST = ["--patch", "32", "--batch", "1", "--blockwise-epochs", "1", "--epochs", 
 
 
 pytestmark = pytest.mark.threads(2)
+#: Held-out agreement a short schedule keeps at a mild budget on the trained demo baseline (measured: see the test).
+AGREEMENT = 0.8
 
 
 def _sha(path: Path) -> str:
@@ -272,26 +274,28 @@ def test_a_single_volume_is_split_into_disjoint_parts() -> None:
 
 
 def test_compressing_a_trained_network_keeps_agreement_on_a_held_out_volume(tmp_path, capsys) -> None:
-    # The demo's shipped baseline (trained on the sample CT), at a mild budget. Calibration: the sample CT and
-    # the 30 slices of the full scan below it; the second is held out (last by name): agreement is measured
-    # there, on a volume distillation never saw.
-    from prunekit3d.recipes.demo import BASELINE, BASELINE_SPEC, PATCH
+    # The demo's shipped baseline (trained on the bundled CT's training slab), at a mild budget, calibrated on the
+    # split's four unlabeled calibration volumes; the last by name is held out: agreement is measured there, and
+    # on the evaluation slab, neither of which distillation saw.
+    from prunekit3d.recipes.demo import BASELINE, BASELINE_SPEC, PATCH, PREPROCESSING, demo_data
 
-    x, affine = _zscored_sample()
-    full = np.asanyarray(nib.load(str(sample_dataset() / "unlabeled" / "ct_abdomen_full.nii.gz")).dataobj)
-    lower = full[..., 52:82].astype(np.float32)
-    (tmp_path / "calib").mkdir()
-    nib.save(nib.Nifti1Image(x, affine), str(tmp_path / "calib" / "a_sample.nii.gz"))
-    nib.save(nib.Nifti1Image((lower - lower.mean()) / lower.std(), affine), str(tmp_path / "calib" / "b_lower.nii.gz"))
+    split, _, held_out = demo_data(tmp_path / "data")
     args = ["compress", str(BASELINE), "--out", str(tmp_path / "out"), "--model", BASELINE_SPEC["import_path"],
-            "--model-kwargs", json.dumps(BASELINE_SPEC["kwargs"]), "--calib", str(tmp_path / "calib"),
-            "--preprocessing", "none", "--target-params", "0.8", "--patch", *map(str, PATCH),
-            "--blockwise-epochs", "1", "--epochs", "1", "--finetune-epochs", "6", "--iters-per-epoch", "5",
+            "--model-kwargs", json.dumps(BASELINE_SPEC["kwargs"]), "--calib", str(split.calibration_dir),
+            "--preprocessing", PREPROCESSING, "--target-params", "0.8", "--patch", *map(str, PATCH),
+            "--blockwise-epochs", "1", "--epochs", "1", "--finetune-epochs", "12", "--iters-per-epoch", "5",
+            "--lr", "1e-3",
             "--device", "cpu", "--min-agreement", "0.999"]
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["agreement_measured_on"] == "1 of 2 calibration volumes (b_lower)"
-    assert report["agreement_dice"] >= 0.8, report["agreement_dice"]
+    assert report["agreement_measured_on"] == "1 of 4 calibration volumes (lower_3)"
+    original, small = pk.from_spec(BASELINE_SPEC), pk.load(tmp_path / "out")
+    from prunekit3d.sources import fit_weights, read_state_dict
+
+    fit_weights(original, read_state_dict(BASELINE), BASELINE, "the demo baseline")
+    scores = held_out.scores(small, original, PATCH)
+    assert scores["agreement"] >= AGREEMENT, scores
+    assert scores["dice"] >= held_out.scores(original, None, PATCH)["dice"] - 0.1
     # --min-agreement 0.999 is not reached: the report, its markdown and the console say so
     assert any("--min-agreement 0.999" in w for w in report["warnings"])
     assert "--min-agreement 0.999" in (tmp_path / "out" / "report.md").read_text()

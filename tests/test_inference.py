@@ -11,10 +11,10 @@ import torch
 
 import prunekit3d as pk
 from prunekit3d.cli import main
-from prunekit3d.data import Preprocessing, normalise_volume, read_labels, read_volumes
+from prunekit3d.data import Preprocessing, read_labels, read_volumes
 from prunekit3d.evaluate import label_dice, mean_dice
 from prunekit3d.inference import PREDICTIONS_FORMAT, predict
-from prunekit3d.recipes.demo import BASELINE_SPEC, PATCH, baseline
+from prunekit3d.recipes.demo import BASELINE_SPEC, PATCH, PREPROCESSING, baseline
 from prunekit3d.sample import sample_dataset
 
 pytestmark = pytest.mark.threads(2)
@@ -25,9 +25,9 @@ LABEL = sample_dataset() / "labelsTr" / "ct_abdomen.nii.gz"
 
 @pytest.fixture(scope="module")
 def demo_artifact(tmp_path_factory):
-    """The demo's baseline (shipped weights) saved as compress saves it: per-image z-score, 64 x 64 x 32 patch."""
+    """The demo's baseline (shipped weights) saved as compress saves it: its CT window, its patch."""
     model, _ = baseline()
-    extra = Preprocessing("zscore").into_extra({"patch_size": list(PATCH)})
+    extra = Preprocessing.parse(PREPROCESSING).into_extra({"patch_size": list(PATCH)})
     return pk.save(model, tmp_path_factory.mktemp("models") / "demo", spec=BASELINE_SPEC, extra=extra)
 
 
@@ -65,16 +65,17 @@ def test_predict_writes_the_input_grid_and_the_dice_compress_measures(demo_artif
     assert seg.shape == image.shape and np.array_equal(seg.affine, image.affine)
     assert seg.get_data_dtype() == np.uint8 and seg.header.get_intent()[0] == "label"
     assert np.array_equal(seg.header.get_zooms(), image.header.get_zooms())
-    # What the demo's report computes as dice_vs_labels (z-scored image, its patch, MONAI sliding window):
+    # What compress's report computes as Dice vs labels (the recorded preprocessing, its patch, MONAI sliding window):
     volume = read_volumes(CT)[0]
     read_labels(LABEL, [volume])
     model = pk.load(demo_artifact)
-    reported = label_dice(model, [normalise_volume(volume, "zscore")], [torch.from_numpy(volume.label)], PATCH)
+    reported = label_dice(model, [Preprocessing.parse(PREPROCESSING).apply(volume)], [torch.from_numpy(volume.label)],
+                          PATCH)
     dice = mean_dice(_classes(demo_prediction[0]), _truth(), 4)
-    assert reported > 0.8 and abs(dice - reported) < 0.01, (dice, reported)
+    assert reported > 0.6 and abs(dice - reported) < 0.01, (dice, reported)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == PREDICTIONS_FORMAT and list(manifest["files"]) == ["ct_abdomen.nii.gz"]
-    assert manifest["preprocessing"]["scheme"] == "zscore" and manifest["patch"] == list(PATCH)
+    assert manifest["preprocessing"]["scheme"] == "ct" and manifest["patch"] == list(PATCH)
 
 
 def test_predict_resamples_to_a_spacing_and_back_onto_the_input_grid(bare_artifact, tmp_path):
@@ -138,7 +139,7 @@ def test_predict_never_writes_over_an_input_or_a_foreign_file(demo_artifact, tmp
 
 def test_the_command_line(demo_artifact, demo_prediction, tmp_path, capsys):
     assert main(["predict", str(demo_artifact), str(CT), "--out", str(tmp_path / "seg"), "--device", "cpu",
-                 "--patch", "64", "64", "32", "--no-onednn"]) == 0
+                 "--patch", *map(str, PATCH), "--no-onednn"]) == 0
     # PyTorch's own convolutions and oneDNN's (the default) give the same segmentation, up to float rounding
     assert float((_classes(tmp_path / "seg" / "ct_abdomen.nii.gz") == _classes(demo_prediction[0])).float().mean()) > 0.9999
     capsys.readouterr()
@@ -149,7 +150,7 @@ def test_the_command_line(demo_artifact, demo_prediction, tmp_path, capsys):
     nnunet.mkdir()
     for name in ("plans.json", "dataset.json"):
         (nnunet / name).write_text("{}")
-    code = main(["predict", str(nnunet), str(CT), "--out", str(tmp_path / "nn")])
-    assert code == 2 or (tmp_path / "nn").is_dir()  # once prunekit3d.sources.nnunet exists it predicts
-    if code == 2:
-        assert "nnU-Net model folder" in capsys.readouterr().err
+    # an nnU-Net folder goes to nnU-Net's predictor: one without trained folds gets one line, nothing written
+    assert main(["predict", str(nnunet), str(CT), "--out", str(tmp_path / "nn")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint_final.pth" in err and "\n" not in err and not (tmp_path / "nn").exists()
