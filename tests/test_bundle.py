@@ -216,9 +216,9 @@ def test_slim_weights_fit_a_network_def_that_holds_the_slim_network_under_a_pref
 
     slim = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Conv3d(2, 3, 1))
     holder = _FullResolution(torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Conv3d(2, 3, 1)))
-    state = _state_for(holder, slim.state_dict())
+    state = _state_for(holder, slim)
     assert sorted(state) == sorted(holder.state_dict())
     assert torch.equal(state["network.0.weight"], slim.state_dict()["0.weight"])
-    assert _state_for(slim, slim.state_dict()).keys() == slim.state_dict().keys()
+    assert _state_for(slim, slim).keys() == slim.state_dict().keys()
     with pytest.raises(ValueError, match="disagree"):
-        _state_for(torch.nn.Conv3d(1, 2, 3), slim.state_dict())
+        _state_for(torch.nn.Conv3d(1, 2, 3), slim)

@@ -1,3 +1,6 @@
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -121,6 +124,17 @@ def test_the_mask_is_read_once_until_it_changes(cls):
             m(x)
             m(x)
         assert counter.reads == 1
+
+
+def test_a_copy_reads_its_own_mask():
+    """A deep copy restarts the buffer's version counter: a copied cache must not pass for the copy's mask."""
+    m = ParallelRedundantModule(8, branches=4, original=nn.Conv3d(8, 8, 3, padding=1))
+    m.mask([4])
+    assert m.active_indices() == [0, 1, 2, 3]  # cached at the buffer's version after one write
+    m.mask([3])  # a second write; the cache is now stale until read again
+    assert copy.deepcopy(m).active_indices() == [0, 1, 2]
+    assert pickle.loads(pickle.dumps(m)).active_indices() == [0, 1, 2]
+    assert m.active_indices() == [0, 1, 2]
 
 
 def test_every_way_of_changing_the_mask_is_seen():

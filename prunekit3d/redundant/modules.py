@@ -29,6 +29,7 @@ code that needs it and reset afterwards (no forward is ever replaced):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -109,9 +110,11 @@ class RedundantModule(Traceable, nn.Module):
         """Indices of the active branches.
 
         Read from the ``active`` buffer only when it changed, not at every forward: on a GPU each read
-        is a host sync. The cached list is keyed by the buffer object and its version counter, which every
-        in-place write bumps (``mask``, ``m.active[0] = False``, ``copy_``, ``load_state_dict``) and which
-        moving the module replaces. (Writing through ``m.active.data`` bypasses the counter: don't.)
+        is a host sync. The cached list is keyed by a weak reference to the buffer and by its version
+        counter, which every in-place write bumps (``mask``, ``m.active[0] = False``, ``copy_``,
+        ``load_state_dict``). The weak reference is what a deep copy cannot fake: a copied buffer restarts
+        its version counter, but the copy's cache still points at the original buffer, so it is read anew.
+        (Writing through ``m.active.data`` bypasses the counter: don't.)
         """
         active = self.active
         try:
@@ -119,10 +122,16 @@ class RedundantModule(Traceable, nn.Module):
         except RuntimeError:  # an inference-mode tensor keeps no version counter: read it every time
             return [i for i, a in enumerate(active.tolist()) if a]
         cached = self.__dict__.get("_active_cache")
-        if cached is None or cached[0] is not active or cached[1] != version:
-            cached = (active, version, tuple(i for i, a in enumerate(active.tolist()) if a))
+        if cached is None or cached[0]() is not active or cached[1] != version:
+            cached = (weakref.ref(active), version, tuple(i for i, a in enumerate(active.tolist()) if a))
             self.__dict__["_active_cache"] = cached
         return list(cached[2])
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_active_cache", None)  # a weak reference does not pickle, and the cache is derived
+        return state
 
     def is_original(self, index: int) -> bool:
         return self.has_original and index == 0

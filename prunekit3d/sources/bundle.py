@@ -9,9 +9,10 @@ Read (:func:`read_bundle`)::
 Write (:func:`write_bundle`): a copy of the bundle whose networks are the compressed one::
 
     OUT/configs/*.json       network_def builds the slim network: prunekit3d's SlimNetwork (spec + structural
-                             steps, JSON) where this prunekit3d has it, else "$torch.jit.load(... model.ts)"
+                             steps, JSON) where the network has a JSON spec, else "$torch.jit.load(... model.ts)"
     OUT/models/model.pt      state dict of that network_def (plain tensors: what the bundle's CheckpointLoader loads)
-    OUT/models/model.ts      TorchScript of the slim network, one full-resolution output (runs without prunekit3d)
+    OUT/models/model.ts      TorchScript of the slim network, one full-resolution output, the same state-dict keys
+                             as model.pt (so ``--network_def "$torch.jit.load(...)"`` runs without prunekit3d)
     OUT/configs/metadata.json  version bumped, a changelog entry, this run's torch / MONAI / numpy versions
     OUT/prunekit3d.json      "format": "prunekit3d.bundle" and provenance (source bundle, steps, parameters)
 
@@ -22,7 +23,6 @@ as ``monai.bundle run`` would; weights are never unpickled.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import shutil
@@ -38,6 +38,7 @@ from torch import nn
 from prunekit3d.data.network_input import Preprocessing, root_cause
 from prunekit3d.evaluate import output_logits
 from prunekit3d.io.files import atomic_directory, sha256
+from prunekit3d.io.rebuild import ARCHITECTURE_KEY
 from prunekit3d.sources.state_dict import check_3d, first_conv, fit_weights, read_state_dict
 
 __all__ = ["BUNDLE_FORMAT", "MARKER", "SLIM_NETWORK", "Bundle", "is_bundle", "read_bundle", "write_bundle"]
@@ -224,34 +225,31 @@ def _check_out(out: Path, source: Path, artifact: Path, overwrite: bool) -> None
                                   "those: pick another path")
 
 
-def slim_network_available() -> bool:
-    """Whether this prunekit3d has the class that rebuilds a slim network from JSON (:data:`SLIM_NETWORK`)."""
-    return importlib.util.find_spec(SLIM_NETWORK.rsplit(".", 1)[0]) is not None
-
-
 def _slim_network_def(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The network_def of the slim network: its base network spec and structural steps, as JSON."""
-    return {"_target_": SLIM_NETWORK, "spec": manifest["model"]["spec"], "steps": manifest["steps"]}
+    return {"_target_": SLIM_NETWORK, "base": manifest["model"]["spec"], "steps": manifest["steps"]}
 
 
-def _state_for(network: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` (the slim network's) under ``network``'s keys: the same, or all behind one prefix."""
-    expected = list(network.state_dict())
-    first = next(iter(state))
-    prefix = next((k[: -len(first)] for k in expected if k.endswith(first)), "")
-    renamed = {prefix + k: v for k, v in state.items()}
-    if sorted(renamed) != sorted(expected):
-        raise ValueError(f"{SLIM_NETWORK} holds other tensors than the slim network ({sorted(expected)[:2]} vs "
-                         f"{sorted(state)[:2]}); the two prunekit3d parts disagree")
-    return renamed
+def _state_for(network: nn.Module, slim: nn.Module) -> dict[str, torch.Tensor]:
+    """The state of ``network`` (built from ``network_def``) holding ``slim``'s weights, in its own keys."""
+    inner = getattr(network, "network", network)  # SlimNetwork holds the built network as .network
+    try:
+        inner.load_state_dict(slim.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"{SLIM_NETWORK} builds another network than the slim one ({err}); "
+                         "the two prunekit3d parts disagree") from None
+    return network.state_dict()
 
 
 class _FullResolution(nn.Module):
     """The first (full-resolution) output of a network that returns several (deep supervision)."""
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, architecture: torch.Tensor | None = None) -> None:
         super().__init__()
         self.network = network
+        if architecture is not None:
+            # The key SlimNetwork's weights carry: one models/model.pt then fits both network_defs.
+            self.register_buffer(ARCHITECTURE_KEY, architecture)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return output_logits(self.network(x))
@@ -323,19 +321,21 @@ def write_bundle(
     example = torch.zeros(1, first_conv(slim)[1].in_channels, *patch)
     with torch.no_grad():
         single = isinstance(slim(example), torch.Tensor)
-    variant = "slim_network" if slim_network_available() and manifest["model"].get("spec") else "torchscript"
+    variant = "slim_network" if manifest["model"].get("spec") else "torchscript"
     parameters = {"before": sum(p.numel() for p in source.network.parameters()),
                   "after": sum(p.numel() for p in slim.parameters())}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         _copy_bundle(source.root, tmp)
-        export_torchscript(slim if single else _FullResolution(slim), example, tmp / "models" / "model.ts")
+        scripted = tmp / "models" / "model.ts"
         if variant == "slim_network":
             network_def: Any = _slim_network_def(manifest)
             net = _build(_parser({"network_def": network_def}, tmp), "network_def", tmp / CONFIG)
-            state = _state_for(net, slim.state_dict())
+            state = _state_for(net, slim)
+            export_torchscript(_FullResolution(slim, getattr(net, ARCHITECTURE_KEY)), example, scripted)
         else:
             network_def = TORCHSCRIPT_DEF
-            state = torch.jit.load(str(tmp / "models" / "model.ts"), map_location="cpu").state_dict()
+            export_torchscript(slim if single else _FullResolution(slim), example, scripted)
+            state = torch.jit.load(str(scripted), map_location="cpu").state_dict()
         torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp / "models" / "model.pt")
         rewritten = []
         for file in sorted((tmp / "configs").glob("*.json")):
