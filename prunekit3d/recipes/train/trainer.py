@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 from monai.data import DataLoader, MetaTensor
-from monai.losses import DeepSupervisionLoss, DiceCELoss
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -49,6 +48,7 @@ from prunekit3d.recipes import distributed
 from prunekit3d.recipes.checkpoint import load_checkpoint, save_checkpoint
 from prunekit3d.recipes.train.config import TrainConfig
 from prunekit3d.recipes.train.data import TrainingData, seed_of
+from prunekit3d.recipes.train.losses import segmentation_loss
 from prunekit3d.recipes.train.masks import forget_masked_momentum, freeze_masked_branches, reinitialise
 from prunekit3d.report import count_flops, count_params
 from prunekit3d.schedule import ProgressivePruner, kept_plans
@@ -85,14 +85,6 @@ def train(config: TrainConfig, *, resume: bool = False, console: Console | None 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if isinstance(t, MetaTensor) else t
-
-
-def _deep_supervision_weights(levels: int) -> list[float]:
-    """nnU-Net's: 1/2^i per level, the lowest resolution ignored, normalised to sum 1."""
-    w = [0.5**i for i in range(levels)]
-    if levels > 1:
-        w[-1] = 0.0
-    return [v / sum(w) for v in w]
 
 
 def _flops(model: nn.Module, patch: tuple[int, ...], in_channels: int, device: torch.device) -> int:
@@ -157,12 +149,7 @@ class Trainer:
         except ValueError as err:
             patch = " ".join(map(str, cfg.patch))
             raise ValueError(f"--patch {patch} does not fit PSP-Seg-{cfg.variant}: {err}") from None
-        levels = len(self.model.decoder.heads)
-        self.seg_loss = DeepSupervisionLoss(
-            DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
-                       smooth_nr=1e-5, smooth_dr=1e-5),
-            weights=_deep_supervision_weights(levels),
-        )
+        self.seg_loss = segmentation_loss(len(self.model.decoder.heads))
         self.mask_value = self.data.mask_value() if cfg.fd else None
         self.fd_loss = None
         if cfg.fd:
