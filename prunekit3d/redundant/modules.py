@@ -145,6 +145,8 @@ class RedundantModule(Traceable, nn.Module):
             return self.traceable_forward(x)
         if self.scoring is not None:
             return self.scoring(self, x)
+        if torch.compiler.is_compiling():
+            return self.compute_masked(x)
         return self.compute(x)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +156,22 @@ class RedundantModule(Traceable, nn.Module):
     def contributions(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Each active branch's additive term: ``compute(x) == finish(x + sum of the terms)``."""
         raise NotImplementedError
+
+    def compute_masked(self, x: torch.Tensor) -> torch.Tensor:
+        """``compute`` with the mask as data: every branch runs, its gate multiplied by its ``active`` flag.
+
+        What ``forward`` runs under ``torch.compile``: a compiled graph cannot see which branches are active
+        without a host read (a graph break per module), and a graph specialised on one mask would go on
+        computing it after pruning. With the mask as a tensor the compiled graph follows every mask change.
+        Masked branches cost their compute, and get zero gradients instead of none; slim the model to drop them.
+        """
+        raise NotImplementedError
+
+    def _masked_gates(self) -> torch.Tensor:
+        return self.gates * self.active.to(self.gates.dtype)
+
+    def _identity_if_all_masked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.active.any(), y, x)  # no active branch: the identity, as ``compute`` has it
 
     def traceable_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every branch, masked ones too (a restored branch must still fit), called as a module; gates detached
@@ -189,8 +207,9 @@ class ParallelRedundantModule(RedundantModule):
 
     mode = "parallel"
 
-    def _light_terms(self, x: torch.Tensor, light: list[int]) -> list[torch.Tensor]:
+    def _light_terms(self, x: torch.Tensor, light: list[int], gates: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Each light branch's gated output ``g_k * LNB_k(x)``, its 1x1x1 reduction fused with the others'."""
+        gates = self.gates if gates is None else gates
         branches = [self.branches[k] for k in light]
         weight = torch.cat([b.reduce.weight for b in branches])
         bias = torch.cat([b.reduce.bias for b in branches])
@@ -205,12 +224,12 @@ class ParallelRedundantModule(RedundantModule):
         parts = h.split([b.reduce.out_channels for b in branches], dim=1)
         # The gate scales the last norm's affine: no separate multiply per branch.
         return [
-            instance_norm(b.conv(part), self.gates[k] * b.norm2.weight, self.gates[k] * b.norm2.bias, b.norm2.eps)
+            instance_norm(b.conv(part), gates[k] * b.norm2.weight, gates[k] * b.norm2.bias, b.norm2.eps)
             for k, b, part in zip(light, branches, parts)
         ]
 
-    def _light_sum(self, x: torch.Tensor, light: list[int]) -> torch.Tensor:
-        terms = self._light_terms(x, light)
+    def _light_sum(self, x: torch.Tensor, light: list[int], gates: torch.Tensor | None = None) -> torch.Tensor:
+        terms = self._light_terms(x, light, gates)
         total = terms[0]
         for t in terms[1:]:
             total = total + t
@@ -225,6 +244,14 @@ class ParallelRedundantModule(RedundantModule):
         if light:
             z = z + self._light_sum(x, light)
         return self.finish(z)
+
+    def compute_masked(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self._masked_gates()
+        z = blend(x, self.branches[0](x), gates[0]) if self.has_original else x
+        light = [k for k in range(len(self.branches)) if not self.is_original(k)]
+        if light:
+            z = z + self._light_sum(x, light, gates)
+        return self._identity_if_all_masked(x, self.finish(z))
 
     def contributions(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Each active branch's additive term ``g_k * delta_k(x)``: ``y = finish(x + sum)``."""
@@ -258,6 +285,13 @@ class SequentialRedundantModule(RedundantModule):
             else:
                 z = z + self.gates[k] * self.branches[k](z)
         return self.finish(z)
+
+    def compute_masked(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self._masked_gates()
+        z = x
+        for k, branch in enumerate(self.branches):
+            z = blend(z, branch(z), gates[k]) if self.is_original(k) else z + gates[k] * branch(z)
+        return self._identity_if_all_masked(x, self.finish(z))
 
     def contributions(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Each active branch's step ``z_after - z_before`` along the chain: ``y = finish(x + sum)``."""
