@@ -24,14 +24,18 @@ import copy
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from prunekit3d.runtime import use_onednn
 
-__all__ = ["OnnxRuntimeModel", "OpenVinoModel", "backend_models", "openvino_available", "session_options"]
+if TYPE_CHECKING:
+    from prunekit3d.report import ModelReport
+
+__all__ = ["OnnxRuntimeModel", "OpenVinoModel", "RUNTIMES", "available_runtimes", "backend_latency", "backend_models",
+           "openvino_available", "session_options", "with_backend_latency"]
 
 
 def _ort() -> Any:
@@ -153,3 +157,42 @@ def backend_models(
         for label, path in (onnx or {}).items():
             models[f"{runtime} {label}"] = RUNTIMES[runtime](path, threads)
     return models
+
+
+def available_runtimes() -> list[str]:
+    """The ONNX runtimes installed here, in :data:`RUNTIMES` order."""
+    import importlib.util
+
+    found = {"onnxruntime": importlib.util.find_spec("onnxruntime") is not None, "openvino": openvino_available()}
+    return [r for r in RUNTIMES if found[r]]
+
+
+def backend_latency(
+    model: nn.Module | None,
+    input_size: Sequence[int],
+    *,
+    onnx: Mapping[str, str | os.PathLike] | None = None,
+    runtimes: Sequence[str] | None = None,
+    threads: int | None = None,
+    warmup: int = 2,
+    repeats: int = 7,
+) -> dict[str, float]:
+    """Median latency (ms) of every backend of :func:`backend_models` at ``input_size``, timed in alternation
+    (:func:`prunekit3d.report.paired_latency`); ``runtimes`` default: every one installed."""
+    from prunekit3d.report import paired_latency
+
+    chosen = available_runtimes() if runtimes is None else list(runtimes)
+    models = backend_models(model, onnx=onnx, runtimes=chosen if onnx else (), threads=threads)
+    return dict(zip(models, paired_latency(list(models.values()), input_size, warmup=warmup, repeats=repeats)))
+
+
+def with_backend_latency(report: ModelReport, latency: Mapping[str, float]) -> ModelReport:
+    """``report`` with every backend's latency (``backends_ms``) and, as its ``latency_ms``, the faster of the two
+    PyTorch CPU paths (``"torch"``, ``"torch+onednn"``), named in ``latency_path``: the path to run."""
+    import dataclasses
+
+    torch_paths = {k: v for k, v in latency.items() if k in ("torch", "torch+onednn")}
+    if not torch_paths:
+        return dataclasses.replace(report, backends_ms=dict(latency))
+    used = min(torch_paths, key=torch_paths.__getitem__)
+    return dataclasses.replace(report, latency_ms=torch_paths[used], latency_path=used, backends_ms=dict(latency))

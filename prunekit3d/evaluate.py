@@ -55,12 +55,17 @@ def sliding_window_logits(
     mode: str = "constant",
     batch: int = 1,
     autocast: bool = False,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Logits ``(K, X, Y, Z)`` (float32, CPU) of a whole ``(C, X, Y, Z)`` image, ``patch``-sized windows.
 
-    The model runs where its parameters are, as it is (call ``model.eval()`` first for inference).
+    The model runs as it is (call ``model.eval()`` first for inference), its windows sent to ``device``:
+    by default where its parameters are, or the CPU for a module without parameters (an ONNX file run by
+    :class:`prunekit3d.backends.OnnxRuntimeModel` or ``OpenVinoModel``).
     """
-    device = next(model.parameters()).device
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device)
     with torch.autocast(device.type, enabled=autocast):
         out = sliding_window_inference(
             image[None].to(device), tuple(patch), batch, lambda x: output_logits(model(x)), overlap=overlap, mode=mode

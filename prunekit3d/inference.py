@@ -7,6 +7,10 @@
         --MONAI sliding window--> logits --Invertd onto the image's grid--> argmax --> DIR/<case>.nii.gz
                                                                               (the input's affine and header)
 
+``backend="onnxruntime"`` / ``"openvino"`` runs an ONNX file instead (:func:`prunekit3d.deploy.onnx_predictor`): a
+``prunekit3d quantize`` output folder's ``model.onnx`` or, with ``int8``, ``model.int8.onnx`` (also found as an
+artifact's ``int8/``, where ``compress --int8`` writes it); any other model exported to ONNX on the fly.
+
 An nnU-Net model folder (``plans.json`` + ``dataset.json``) goes to nnU-Net's own pipeline through
 ``prunekit3d.sources.nnunet.predict_folder``. Nothing is ever written over an input: ``DIR`` may not be or
 hold one, and an existing segmentation is replaced only with ``overwrite`` and only if ``predict`` wrote it
@@ -23,7 +27,7 @@ import importlib
 import importlib.util
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ from prunekit3d.io.artifact import FORMAT as ARTIFACT_FORMAT
 from prunekit3d.io.artifact import MANIFEST
 from prunekit3d.io.errors import first_line
 from prunekit3d.io.files import atomic_file, sha256, write_json
+from prunekit3d.quantize import QUANTIZED_FORMAT
 from prunekit3d.sources.bundle import is_bundle
 
 __all__ = ["BACKENDS", "DEFAULT_PATCH", "PREDICTIONS_FORMAT", "Predictor", "load_predictor", "predict"]
@@ -49,14 +54,15 @@ __all__ = ["BACKENDS", "DEFAULT_PATCH", "PREDICTIONS_FORMAT", "Predictor", "load
 PREDICTIONS_FORMAT = "prunekit3d.predictions"
 #: The sliding-window patch when neither ``patch`` nor the artifact's ``extra["patch_size"]`` gives one.
 DEFAULT_PATCH = (96, 96, 96)
-#: Inference backends; "onnxruntime" is reserved for the exported ONNX model.
-BACKENDS = ("torch", "onnxruntime")
+#: Inference backends: PyTorch, or an ONNX file on ONNX Runtime / OpenVINO (CPU; :mod:`prunekit3d.deploy`).
+BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
 @dataclass
 class Predictor:
     """A network ready to segment images: the model (eval mode, on its device), how its input is made, and
-    the sliding window it runs on."""
+    the sliding window it runs on. ``device``: where windows go (default: the model's parameters'); ``backend``
+    names what runs; ``workdir`` keeps a temporary ONNX export alive as long as the predictor."""
 
     model: nn.Module
     preprocessing: Preprocessing
@@ -64,6 +70,9 @@ class Predictor:
     overlap: float
     in_channels: int
     source: str
+    device: torch.device | None = None
+    backend: str = "torch"
+    workdir: Any = field(default=None, repr=False)
 
     def segment(self, name: str, files: Sequence[Path]) -> np.ndarray:
         """Class indices ``(X, Y, Z)`` of one case on its own grid (uint8 when they fit)."""
@@ -71,7 +80,7 @@ class Predictor:
         if volume.image.shape[0] != self.in_channels:
             raise ValueError(_channel_error(name, files, volume.image.shape[0], self.in_channels))
         prepared = self.preprocessing.prepare(volume)
-        logits = sliding_window_logits(self.model, prepared.image, self.patch, overlap=self.overlap)
+        logits = sliding_window_logits(self.model, prepared.image, self.patch, overlap=self.overlap, device=self.device)
         classes = segmentation(prepared.to_original(logits)).numpy()
         return classes.astype(np.uint8 if classes.max(initial=0) < 256 else np.int16)
 
@@ -96,13 +105,15 @@ def _channels(files: Sequence[Path]) -> int:
     return shape[3] if len(shape) == 4 else (shape[4] if len(shape) == 5 and shape[3] == 1 else 1)
 
 
-def _check_backend(backend: str) -> None:
+def _check_backend(backend: str, int8: bool = False) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend!r}: use one of {list(BACKENDS)}")
-    if backend == "onnxruntime":
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise ImportError("--backend onnxruntime needs onnxruntime: pip install onnxruntime")
-        raise ValueError("--backend onnxruntime is not available in this prunekit3d yet; use --backend torch")
+    if int8 and backend == "torch":
+        raise ValueError("--int8 runs the INT8 ONNX file of a quantize output: add --backend openvino (the fast one on "
+                         "x86 CPUs) or --backend onnxruntime")
+    extra = {"onnxruntime": "deploy", "openvino": "openvino"}.get(backend)
+    if extra is not None and importlib.util.find_spec(backend) is None:
+        raise ImportError(f"--backend {backend} needs {backend}: pip install 'prunekit3d[{extra}]'")
 
 
 def _first_conv_channels(model: nn.Module) -> int:
@@ -152,6 +163,8 @@ def load_predictor(
     overlap: float | None = None,
     device: str = "auto",
     onednn: bool = True,
+    backend: str = "torch",
+    int8: bool = False,
     console: Console | None = None,
 ) -> Predictor:
     """The network of a prunekit3d artifact or a MONAI bundle folder, ready for :meth:`Predictor.segment`.
@@ -165,6 +178,8 @@ def load_predictor(
         patch, overlap: the sliding window; default the artifact's ``extra["patch_size"]`` (else 96^3) / the
             bundle's inferer, and 0.25.
         device: "auto", "cpu", "cuda", "cuda:N". onednn: route small CPU convolutions to oneDNN (faster on CPU).
+        backend, int8: "torch", or an ONNX runtime ("onnxruntime", "openvino"; CPU) running the float or, with
+            ``int8``, the INT8 file of a quantize output (:func:`prunekit3d.deploy.onnx_predictor`).
 
     Raises:
         FileNotFoundError, ValueError: one line naming the problem and the fix.
@@ -173,7 +188,16 @@ def load_predictor(
     from prunekit3d.runtime import use_onednn
 
     console = console or Console(stderr=True)
+    _check_backend(backend, int8)
+    if backend != "torch":
+        from prunekit3d.deploy import onnx_predictor
+
+        return onnx_predictor(model, backend=backend, int8=int8, preprocessing=preprocessing, spacing=spacing,
+                              patch=patch, overlap=overlap, device=device, console=console)
     root = Path(model)
+    if _manifest_format(root) == QUANTIZED_FORMAT:
+        raise ValueError(f"MODEL {root} is a prunekit3d quantize output (ONNX files): run it with --backend openvino "
+                         "or --backend onnxruntime (add --int8 for its INT8 file)")
     if (root / MANIFEST).is_file() and _manifest_format(root) == ARTIFACT_FORMAT:
         from prunekit3d.io import load_manifest
         from prunekit3d.sources import build_model
@@ -202,8 +226,8 @@ def load_predictor(
     return Predictor(net, pre, _patch(patch, window), chosen, _first_conv_channels(net), str(root))
 
 
-_MODEL_HINT = ("pass a prunekit3d artifact (manifest.json), a MONAI bundle folder (configs/inference.json) or an "
-               "nnU-Net model folder (plans.json, dataset.json)")
+_MODEL_HINT = ("pass a prunekit3d artifact (manifest.json), a prunekit3d quantize output, a MONAI bundle folder "
+               "(configs/inference.json) or an nnU-Net model folder (plans.json, dataset.json)")
 
 
 def _manifest_format(root: Path) -> str | None:
@@ -274,13 +298,15 @@ def predict(
     out: str | Path,
     *,
     backend: str = "torch",
+    int8: bool = False,
     overwrite: bool = False,
     console: Console | None = None,
     **options: Any,
 ) -> list[Path]:
     """Segment every case of ``inputs`` (a NIfTI file or a folder) with ``model``; one ``out/<case>.nii.gz`` each.
 
-    ``model`` is a prunekit3d artifact, a MONAI bundle folder or an nnU-Net model folder; ``options`` are
+    ``model`` is a prunekit3d artifact, a quantize output folder (``backend`` "onnxruntime" / "openvino", ``int8``
+    for its INT8 file), a MONAI bundle folder or an nnU-Net model folder; ``options`` are
     :func:`load_predictor`'s (``preprocessing``, ``spacing``, ``patch``, ``overlap``, ``device``, ``onednn``).
     Everything is checked before the first case runs: the model, every input's header and channel count, and
     that no file would be written over an input or over a file ``predict`` did not write (``overwrite``
@@ -294,15 +320,18 @@ def predict(
     """
     console = console or Console(stderr=True)
     model, inputs, out = Path(model), Path(inputs), Path(out)
-    _check_backend(backend)
+    _check_backend(backend, int8)
     cases = find_cases(inputs, "INPUT")
     _check_out(out, [inputs, model, *(f for files in cases.values() for f in files)])
     if is_nnunet_folder(model):
+        if backend != "torch":
+            raise ValueError(f"{model} is an nnU-Net model folder, which predicts through nnU-Net (--backend torch); "
+                             "compress it to a prunekit3d artifact to run it on ONNX Runtime or OpenVINO")
         from prunekit3d.recipes.distributed import resolve_device
 
         device = options.get("device", "auto")
         return _predict_nnunet(model, inputs, out, device=str(resolve_device(device)), overwrite=overwrite)
-    predictor = load_predictor(model, console=console, **options)
+    predictor = load_predictor(model, console=console, backend=backend, int8=int8, **options)
     for name, files in cases.items():
         given = _channels(files)
         if given != predictor.in_channels:
@@ -310,7 +339,7 @@ def predict(
     names = {case: f"{case}.nii.gz" for case in cases}
     written = _written_before(out)
     _check_targets(out, list(names.values()), written, overwrite)
-    record = {"format": PREDICTIONS_FORMAT, "format_version": 1, "model": str(model),
+    record = {"format": PREDICTIONS_FORMAT, "format_version": 1, "model": str(model), "backend": predictor.backend,
               "preprocessing": predictor.preprocessing.to_dict(), "patch": list(predictor.patch), "files": written}
     paths = []
     with _progress(console) as bar:

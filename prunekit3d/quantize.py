@@ -10,6 +10,9 @@
     float vs INT8 on the calibration patches: Dice of the argmax segmentations, largest logit difference
     sizes and paired latency of every backend (torch, torch+oneDNN, ONNX Runtime, OpenVINO)
                                                   --> out/quantize.json
+    what the folder is (format ``prunekit3d.quantized``), and the caller's ``extra`` (the preprocessing
+    record, the patch: what ``prunekit3d predict`` needs to run the folder on its own)
+                                                  --> out/manifest.json
 
 The INT8 file is standard ONNX (QuantizeLinear / DequantizeLinear around float ops): ONNX Runtime,
 OpenVINO and TensorRT all read it. Which runtime makes it fast is measured, not assumed; on x86 CPUs
@@ -42,10 +45,13 @@ from prunekit3d.export import export_onnx, preprocessing_path
 from prunekit3d.io.files import atomic_directory, write_json
 from prunekit3d.report import paired_latency
 
-__all__ = ["CALIBRATORS", "FLOAT_FILE", "INT8_FILE", "REPORT_FILE", "QuantizeResult", "check_calibration",
-           "measure", "quantize", "quantize_onnx"]
+__all__ = ["CALIBRATORS", "FLOAT_FILE", "INT8_FILE", "MANIFEST", "QUANTIZED_FORMAT", "REPORT_FILE", "QuantizeResult",
+           "check_calibration", "measure", "quantize", "quantize_onnx"]
 
-FLOAT_FILE, INT8_FILE, REPORT_FILE = "model.onnx", "model.int8.onnx", "quantize.json"
+FLOAT_FILE, INT8_FILE, REPORT_FILE, MANIFEST = "model.onnx", "model.int8.onnx", "quantize.json", "manifest.json"
+#: ``out/manifest.json``'s ``format``: marks a folder :func:`quantize` wrote (``overwrite`` may replace it;
+#: ``prunekit3d predict`` runs it).
+QUANTIZED_FORMAT = "prunekit3d.quantized"
 CALIBRATORS = ("minmax", "entropy", "percentile")
 #: Operators left in float whatever the caller asks: normalisations have no INT8 kernel on the CPU
 #: runtimes, and quantizing their scale and input only adds (de)quantisation steps around a float op.
@@ -132,6 +138,15 @@ def _output_convs(onnx_path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "Conv" and outputs & set(n.output)]
 
 
+def _concat_convs(onnx_path: Path) -> list[str]:
+    """Names of the convolutions that read a ``Concat`` (a U-Net decoder's skip joins)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    concats = {o for n in graph.node if n.op_type == "Concat" for o in n.output}
+    return [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose") and n.input[0] in concats]
+
+
 def quantize_onnx(
     float_onnx: str | os.PathLike,
     calibration: Iterable[Any],
@@ -140,6 +155,7 @@ def quantize_onnx(
     calibrator: str = "minmax",
     keep_float: Sequence[str] = (),
     output_layer_float: bool = False,
+    after_concat_float: bool = False,
 ) -> dict[str, Any]:
     """Quantize ``float_onnx`` to ``int8_onnx`` (static, QDQ); returns what was done, as plain data.
 
@@ -150,6 +166,9 @@ def quantize_onnx(
         calibrator: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (ONNX Runtime's calibrators).
         keep_float: names of ONNX nodes to leave in float.
         output_layer_float: leave the segmentation head (the convolution writing the output) in float.
+        after_concat_float: leave the convolutions reading a ``Concat`` in float. OpenVINO 2026.4 on an AVX512-VNNI
+            CPU without AMX computes them far from the QDQ graph's meaning (a float Concat -> Q/DQ -> Conv subgraph
+            alone differs by ~10% of the logits range, ONNX Runtime by ~0); NOTES-deploy.md has the figures.
     """
     quantization = _ort_quantization()
     if calibrator not in CALIBRATORS:
@@ -157,7 +176,8 @@ def quantize_onnx(
     float_onnx, int8_onnx = Path(float_onnx), Path(int8_onnx)
     shape = _input_shape(float_onnx)
     arrays = check_calibration(calibration, shape)
-    excluded = list(keep_float) + (_output_convs(float_onnx) if output_layer_float else [])
+    excluded = list(keep_float) + (_output_convs(float_onnx) if output_layer_float else []) \
+        + (_concat_convs(float_onnx) if after_concat_float else [])
     op_types = sorted(set(quantization.registry.QDQRegistry) - set(FLOAT_OPS))
     method = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}[calibrator]
     with tempfile.TemporaryDirectory(dir=int8_onnx.parent, prefix=".quantize-") as tmp:
@@ -278,14 +298,16 @@ def quantize(
     example_input: torch.Tensor | None = None,
     keep_float: Sequence[str] = (),
     output_layer_float: bool = False,
+    after_concat_float: bool = False,
     preprocessing: dict[str, Any] | None = None,
     runtimes: Sequence[str] | None = None,
     threads: int | None = None,
     repeats: int = 7,
     overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> QuantizeResult:
-    """Static INT8 of ``source`` into the directory ``out``: ``model.onnx``, ``model.int8.onnx``, ``quantize.json``
-    (and ``model.preprocessing.json`` with ``preprocessing``), all or nothing.
+    """Static INT8 of ``source`` into the directory ``out``: ``model.onnx``, ``model.int8.onnx``, ``quantize.json``,
+    ``manifest.json`` (and ``model.preprocessing.json`` with ``preprocessing``), all or nothing.
 
     Args:
         source: a model, a :func:`prunekit3d.save` artifact directory, or a float ``.onnx`` file.
@@ -293,12 +315,16 @@ def quantize(
         out: the output directory (replaced only with ``overwrite``).
         calibrator: ``"minmax"`` (default, measured best here), ``"entropy"`` or ``"percentile"``.
         example_input: the input the export traces and the latency is timed at (default: one calibration patch).
-        keep_float: ONNX node names to leave in float; ``output_layer_float`` also leaves the head in float.
+        keep_float: ONNX node names to leave in float; ``output_layer_float`` also leaves the head in float,
+            ``after_concat_float`` the convolutions reading a ``Concat`` (:func:`quantize_onnx`).
         preprocessing: the preprocessing record to write beside the models.
         runtimes: where to run the INT8 file for the report (default: ONNX Runtime, and OpenVINO if installed);
             an empty list skips the measurement.
         threads: CPU threads of every backend (default: torch's).
         repeats: timed rounds of the paired latency.
+        overwrite: replace an existing ``out`` (only a folder prunekit3d wrote, or one whose every file this rewrites).
+        extra: plain-JSON metadata for ``manifest.json`` (``prunekit3d quantize`` records the preprocessing record,
+            the patch and the input channels there).
     """
     model, onnx_source = _source(source)
     batches = list(calibration) if not isinstance(calibration, (torch.Tensor, np.ndarray)) else calibration
@@ -316,10 +342,12 @@ def quantize(
                 write_json(preprocessing_path(float_onnx), preprocessing)
         report: dict[str, Any] = {"source": type(source).__name__ if isinstance(source, nn.Module) else str(source)}
         report.update(quantize_onnx(float_onnx, arrays, int8_onnx, calibrator=calibrator, keep_float=keep_float,
-                                    output_layer_float=output_layer_float))
+                                    output_layer_float=output_layer_float, after_concat_float=after_concat_float))
         if runtimes:
             report.update(measure(model, float_onnx, int8_onnx, arrays, list(example.shape), runtimes=runtimes,
                                   threads=threads, repeats=repeats))
         write_json(tmp / REPORT_FILE, report)
+        write_json(tmp / MANIFEST, {"format": QUANTIZED_FORMAT, "format_version": 1, "float": FLOAT_FILE,
+                                    "int8": INT8_FILE, "report": REPORT_FILE, "extra": dict(extra or {})})
     out = Path(out)
     return QuantizeResult(out, out / FLOAT_FILE, out / INT8_FILE, report)

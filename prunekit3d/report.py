@@ -77,6 +77,8 @@ class ModelReport(JsonRecord):
         peak_memory_train_step_mb: peak memory allocated during one training step, MiB; ``None`` if not measured.
         memory_method: how the peaks were measured.
         unsupported_ops: operators fvcore did not count (element-wise ops, some upsampling), with counts.
+        latency_path: the CPU path ``latency_ms`` was timed on, when several were (``"torch"``, ``"torch+onednn"``).
+        backends_ms: latency of every backend timed in alternation (``prunekit3d report`` on a CPU), by label.
     """
 
     record_name = "model report"
@@ -93,6 +95,8 @@ class ModelReport(JsonRecord):
     peak_memory_train_step_mb: float | None = None
     memory_method: str = ""
     unsupported_ops: dict[str, int] = field(default_factory=dict)
+    latency_path: str = ""
+    backends_ms: dict[str, float] = field(default_factory=dict)
 
     def quantities(self) -> list[tuple[str, float | None, str]]:
         """``(quantity, value, formatted value)`` in the order the tables print them."""
@@ -112,8 +116,18 @@ class ModelReport(JsonRecord):
         table.add_column("quantity")
         table.add_column("value", justify="right")
         for name, _, text in self.quantities():
-            table.add_row(name, text)
+            path = f", {self.latency_path}" if name == "latency (ms)" and self.latency_path else ""
+            table.add_row(name + path, text)
+        fastest = min(self.backends_ms, key=self.backends_ms.__getitem__) if self.backends_ms else None
+        for label, ms in self.backends_ms.items():
+            mark = ", used" if label == self.latency_path else ", fastest" if label == fastest else ""
+            table.add_row(f"  latency, {label}{mark} (ms)", f"{ms:.1f}")
         table.caption = f"memory: {self.memory_method}"
+        if fastest is not None:
+            speed = self.backends_ms.get("torch", self.latency_ms) / self.backends_ms[fastest]
+            used = self.latency_path or "the model as is"
+            table.caption += (f"\nlatency: backends timed in alternation; used: {used} (the faster PyTorch path); "
+                              f"headline CPU path: {fastest}, {speed:.2f}x torch's speed")
         return table
 
 

@@ -194,6 +194,37 @@ def test_resume_refuses_other_settings(checkpoint, tmp_path, monkeypatch, capsys
     assert "nothing to resume" in capsys.readouterr().err
 
 
+def test_int8_quantizes_the_result_into_out_int8_which_predict_runs(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    pytest.importorskip("onnxruntime")
+    from prunekit3d.inference import predict
+
+    out = tmp_path / "small"
+    original = channels.channel_pruning
+
+    def stop(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(channels, "channel_pruning", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(checkpoint, out, "--target-params", "0.5"))
+    monkeypatch.setattr(channels, "channel_pruning", original)
+    # --int8 only adds a step after the artifact is written: a run started without it resumes with it
+    assert main([*_args(checkpoint, out, "--target-params", "0.5", "--int8"), "--resume"]) == 0
+    assert "INT8 of the compressed network" in capsys.readouterr().out
+    manifest = json.loads((out / "int8" / "manifest.json").read_text())
+    assert manifest["format"] == "prunekit3d.quantized" and manifest["extra"]["patch_size"] == [32, 32, 32]
+    assert manifest["extra"]["preprocessing"] == pk.load_manifest(out)["extra"]["preprocessing"]
+    report = json.loads((out / "report.json").read_text())
+    int8 = report["int8"]
+    assert int8["dir"] == "int8" and int8["size_ratio"] > 1 and int8["calibration_batches"] == 8  # --batch 1
+    assert "onnxruntime int8" in int8["latency_ms"] and int8["agreement"]["onnxruntime"]["agreement_dice"] >= 0
+    pk.load(out)  # the artifact is intact beside int8/
+    [written] = predict(out, sample_dataset() / "imagesTr" / "ct_abdomen.nii.gz", tmp_path / "seg",
+                        backend="onnxruntime", int8=True)  # OUT/int8 is found from the artifact
+    image = nib.load(str(sample_dataset() / "imagesTr" / "ct_abdomen.nii.gz"))
+    assert nib.load(str(written)).shape == image.shape
+
+
 @pytest.mark.parametrize("wrapper", ["plain", "state_dict", "network_weights", "ddp"])
 def test_state_dicts_are_read_in_the_usual_wrappings(wrapper, tmp_path) -> None:
     from prunekit3d.sources import build_model

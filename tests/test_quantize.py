@@ -22,7 +22,8 @@ def test_int8_runs_and_matches_float(tmp_path) -> None:
     result = quantize(net, calibration, tmp_path / "int8", runtimes=["onnxruntime"], repeats=1,
                       preprocessing={"normalisation": "zscore"})
     assert sorted(p.name for p in result.out.iterdir()) == [
-        "model.int8.onnx", "model.onnx", "model.preprocessing.json", "quantize.json"]
+        "manifest.json", "model.int8.onnx", "model.onnx", "model.preprocessing.json", "quantize.json"]
+    assert json.loads((result.out / "manifest.json").read_text())["format"] == "prunekit3d.quantized"
     report = json.loads((result.out / REPORT_FILE).read_text())
     assert report["quantized_ops"]["Conv"] >= 15 and "InstanceNormalization" not in report["quantized_ops"]
     assert report["size_ratio"] > 2.5  # int8 weights; scales and the float norms' parameters stay
@@ -47,6 +48,10 @@ def test_an_onnx_source_is_copied_not_touched(tmp_path) -> None:
                       output_layer_float=True)
     assert first.float_onnx.read_bytes() == before and (second.out / INT8_FILE).is_file()
     assert second.report["kept_float"] and second.report["calibrator"] == "percentile"
+    # the decoder's convolutions reading a skip concatenation (DynUNet: one per decoder level) stay float
+    third = quantize(first.float_onnx, calibration, tmp_path / "c", runtimes=[], after_concat_float=True)
+    assert len(third.report["kept_float"]) == 3
+    assert third.report["quantized_ops"]["Conv"] == first.report["quantized_ops"]["Conv"] - 3
 
 
 @pytest.mark.parametrize(

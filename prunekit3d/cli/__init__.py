@@ -20,10 +20,10 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 
 def _commands() -> dict[str, Command]:
     # The command modules import heavy libraries (MONAI, fvcore) only when a command runs.
-    from prunekit3d.cli import compress, demo, predict, report, train
+    from prunekit3d.cli import compress, demo, predict, quantize, report, train
 
-    return {"demo": demo.COMMAND, "compress": compress.COMMAND, "predict": predict.COMMAND, "report": report.COMMAND,
-            "train": train.COMMAND}
+    return {"demo": demo.COMMAND, "compress": compress.COMMAND, "quantize": quantize.COMMAND,
+            "predict": predict.COMMAND, "report": report.COMMAND, "train": train.COMMAND}
 
 
 COMMANDS: dict[str, Command] = _commands()

@@ -77,6 +77,9 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:N (auto)")
     run.add_argument("--seed", type=int, default=s, help="(0)")
     run.add_argument("--overwrite", action="store_true", default=s, help="replace a non-empty --out")
+    run.add_argument("--int8", action="store_true", default=s,
+                     help="also quantize the result to INT8 (ONNX, on the calibration patches) into DIR/int8/, "
+                          "which predict --backend openvino --int8 runs")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run (kept in DIR.partial)")
 
 
@@ -100,6 +103,10 @@ def run_compress(args: argparse.Namespace) -> int:
     result = compress(CompressConfig.from_dict(values), resume=resume, console=console)
     for part, table in result.tables().items():
         console.print(table)
+    if "int8" in result.report:
+        from prunekit3d.deploy import quantize_table
+
+        console.print(quantize_table(result.report["int8"], f"INT8 of the compressed network -> {result.out}/int8"))
     console.print(f"wrote {result.out}/: {result.contents()}")
     return 0
 

@@ -11,12 +11,14 @@ import argparse
 
 __all__ = ["COMMAND", "add_predict_arguments", "run_predict"]
 
-HELP = "segment NIfTI images with a compressed (or any) network: artifact, MONAI bundle or nnU-Net folder"
+HELP = ("segment NIfTI images with a compressed (or any) network: artifact, quantize output, MONAI bundle or "
+        "nnU-Net folder")
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
-                        help="prunekit3d artifact, MONAI bundle folder, or nnU-Net model folder")
+                        help="prunekit3d artifact, prunekit3d quantize output (ONNX backends), MONAI bundle folder, or "
+                             "nnU-Net model folder")
     parser.add_argument("input", metavar="INPUT",
                         help="NIfTI file, or folder of them (nnU-Net case_0000.nii.gz channel files grouped)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where <case>.nii.gz segmentations go")
@@ -32,7 +34,12 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (auto)")
     run.add_argument("--no-onednn", dest="onednn", action="store_false",
                      help="keep PyTorch's own CPU convolutions (default: small ones on oneDNN, faster)")
-    run.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help="(torch)")
+    run.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                     help="PyTorch, or the ONNX file on ONNX Runtime / OpenVINO (CPU): a quantize output's, or the "
+                          "model exported on the fly (torch)")
+    run.add_argument("--int8", action="store_true",
+                     help="run the quantize output's model.int8.onnx (needs --backend onnxruntime|openvino; "
+                          "OpenVINO is the fast INT8 path on x86)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace segmentations an earlier predict wrote in DIR (never other files)")
 
@@ -45,7 +52,7 @@ def run_predict(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     written = predict(
         args.model, args.input, args.out, preprocessing=args.preprocessing, spacing=args.spacing, patch=args.patch,
-        overlap=args.overlap, device=args.device, onednn=args.onednn, backend=args.backend,
+        overlap=args.overlap, device=args.device, onednn=args.onednn, backend=args.backend, int8=args.int8,
         overwrite=args.overwrite, console=console,
     )
     console.print(f"wrote {len(written)} segmentation(s) to {args.out}/")

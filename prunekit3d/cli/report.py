@@ -25,19 +25,39 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (auto)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs, median reported (5)")
     parser.add_argument("--no-train-step", dest="train_step", action="store_false", help="skip the training step")
+    parser.add_argument("--onnx", nargs="+", metavar="PATH", default=[],
+                        help="also time these on every installed ONNX runtime: prunekit3d quantize output folders "
+                             "(float and INT8) or .onnx files (default: TARGET/int8 if compress --int8 wrote it)")
+    parser.add_argument("--no-backends", dest="backends", action="store_false",
+                        help="time the model as it is only (default on a CPU: PyTorch's default path and oneDNN, "
+                             "paired, the faster one reported, and every ONNX file on ONNX Runtime / OpenVINO)")
 
 
 def run_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from prunekit3d.backends import backend_latency, with_backend_latency
+    from prunekit3d.deploy import int8_warnings, onnx_files, quantized_folder
     from prunekit3d.recipes.distributed import resolve_device
     from prunekit3d.report import measure
     from prunekit3d.sources import build_model, model_spec
 
     model, _ = build_model(args.target, model_spec(args.model, args.model_kwargs, args.spec))
-    report = measure(model, args.input_size, name=Path(args.target).name, device=resolve_device(args.device),
+    device = resolve_device(args.device)
+    timed = device.type == "cpu" and args.backends
+    if args.onnx and not timed:
+        raise ValueError("--onnx files are timed on the CPU next to PyTorch: drop --device / --no-backends, or --onnx")
+    given = args.onnx or ([args.target] if timed and quantized_folder(args.target) else [])
+    onnx = onnx_files(given)
+    report = measure(model, args.input_size, name=Path(args.target).name, device=device,
                      repeats=args.repeats, train_step=args.train_step)
-    Console().print(report)
+    if timed:  # the path to run is the one measured faster, and says so
+        latency = backend_latency(model, args.input_size, onnx=onnx, repeats=max(args.repeats, 3))
+        report = with_backend_latency(report, latency)
+    console = Console()
+    console.print(report)
+    for line in int8_warnings(given):  # speed is not the whole story: an INT8 file that disagrees is not deployable
+        console.print(f"[yellow]warning: {line}[/yellow]")
     if args.json is not None:
         from prunekit3d.io.files import atomic_file
 
@@ -46,4 +66,5 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = ("measure a network: parameters, FLOPs, latency, peak memory", add_report_arguments, run_report)
+COMMAND = ("measure a network: parameters, FLOPs, latency (every CPU backend side by side), peak memory",
+           add_report_arguments, run_report)

@@ -9,7 +9,8 @@ The original network is the teacher; its wrapped copy is the student. The stages
     channels.channel_pruning  3 if the budget is still not met: channel pruning in rounds toward it, each followed
                              by end-to-end distillation (without anything to prune: one round of distillation)
     report.measure_result  params, FLOPs, latency, memory before / after; agreement Dice on the calibration volumes
-    report.write_result    DIR: artifact + report.json + report.md (written beside DIR, renamed into place)
+    report.write_result    DIR: artifact + report.json + report.md (written beside DIR, renamed into place), and
+                             with ``int8`` DIR/int8/: the network quantized on the calibration patches (deploy)
 
 :mod:`~prunekit3d.recipes.compress.run` holds what the stages share (inputs, resume state, the training
 loop); :mod:`~prunekit3d.recipes.compress.distill` the distillation losses.
@@ -134,8 +135,9 @@ def _continue(run: CompressRun) -> None:
     saved = json.loads((run.partial / "state.json").read_text(encoding="utf-8"))
     if saved.get("format") != RUN_FORMAT:
         raise ValueError(f"{run.partial} was started by another prunekit3d version; delete it to start over")
-    if saved.get("config") != run.state["config"]:
-        changed = sorted(k for k in run.state["config"] if saved.get("config", {}).get(k) != run.state["config"][k])
+    mine = {k: v for k, v in run.state["config"].items() if k != "int8"}  # --int8 only adds a step at the end
+    if {k: v for k, v in (saved.get("config") or {}).items() if k != "int8"} != mine:
+        changed = sorted(k for k in mine if saved.get("config", {}).get(k) != mine[k])
         raise ValueError(f"{run.partial} was started with other settings ({', '.join(changed)} differ); "
                          "resume with the same flags, or delete it to start over")
     run.state = saved

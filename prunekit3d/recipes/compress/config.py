@@ -39,6 +39,8 @@ class CompressConfig(JsonRecord):
         min_agreement: warn when the held-out agreement with the original ends below this.
         out: the output directory.
         overwrite: replace a non-empty ``out``.
+        int8: also write ``out/int8/``, the compressed network quantized to INT8 (ONNX, calibrated on the run's
+            calibration patches; a folder ``prunekit3d predict --backend openvino --int8`` runs), and report it.
 
     Budget (a fraction of the original network's count; at most one of the two):
         target_params, target_flops: keep at most this fraction of the parameters / FLOPs (multiply-adds).
@@ -52,7 +54,8 @@ class CompressConfig(JsonRecord):
         epochs: end-to-end distillation with progressive pruning of light branches.
         finetune_epochs: end-to-end distillation of the slim network, shared by the channel-pruning rounds.
         channel_rounds: channel pruning is spread over this many rounds (when channels must go at all).
-        lr: Adam learning rate (constant). calib_patches: fixed patches the pruner calibrates on.
+        lr: Adam learning rate; lr_decay: cosine decay from lr to 0 within every training phase.
+        calib_patches: fixed patches the pruner calibrates on.
         foreground_fraction: probability that a distillation patch is centred on the original's foreground
             (its own segmentation of the calibration volumes, or the labels if given).
         augment: flip and intensity-jitter the distillation patches.
@@ -100,6 +103,7 @@ class CompressConfig(JsonRecord):
     channel_rounds: int = 3
     iters_per_epoch: int = 10
     lr: float = 5e-3
+    lr_decay: bool = False
     calib_patches: int = 8
     foreground_fraction: float = 0.5
     augment: bool = False
@@ -116,6 +120,7 @@ class CompressConfig(JsonRecord):
     device: str = "auto"
     seed: int = 0
     overwrite: bool = False
+    int8: bool = False
 
     def __post_init__(self) -> None:
         self.checkpoint, self.out, self.calib = str(self.checkpoint), str(self.out), str(self.calib)

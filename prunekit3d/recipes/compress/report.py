@@ -179,6 +179,12 @@ def write_result(
         extra = run.preprocessing.into_extra(extra)
     with atomic_directory(run.out, overwrite=run.cfg.overwrite) as tmp:
         save(model, tmp, spec=run.spec, plans=plans, extra=extra)
+        if run.cfg.int8:  # INT8 of the compressed network on the run's own calibration patches, beside the artifact
+            from prunekit3d.deploy import INT8_DIR, int8_summary, quantize_network
+
+            quantized = quantize_network(copy.deepcopy(model).cpu(), run.calib_batches, tmp / INT8_DIR,
+                                         preprocessing=run.preprocessing, patch=run.patch, source=str(run.out))
+            report["int8"] = {"dir": INT8_DIR, **int8_summary(quantized.report)}
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(markdown_report(report, before, after), encoding="utf-8")
 
