@@ -203,6 +203,18 @@ def int8_advice(report: dict[str, Any]) -> tuple[str | None, list[str]]:
     return (min(good, key=lambda r: latency[f"{r} int8"]) if good else None), warnings
 
 
+def _check_int8_agreement(folder: Path, backend: str) -> None:
+    """Refuse an INT8 file on a runtime where quantize measured it to disagree with float: it would segment wrongly."""
+    report = folder / manifest_entry(folder, "report", REPORT_FILE)
+    measured = json.loads(report.read_text(encoding="utf-8")).get("agreement", {}) if report.is_file() else {}
+    dice = (measured.get(backend) or {}).get("agreement_dice")
+    if dice is not None and dice < AGREEMENT_FLOOR:
+        good, _ = int8_advice(json.loads(report.read_text(encoding="utf-8")))
+        instead = f"--backend {good}" if good else "the float model (drop --int8)"
+        raise ValueError(f"{folder}: on {backend} the INT8 model agreed with float at Dice {dice:.3f} only (below "
+                         f"{AGREEMENT_FLOOR}, {report.name}): use {instead}, or quantize again with --float-after-concat")
+
+
 def int8_warnings(paths: Sequence[str | os.PathLike]) -> list[str]:
     """:func:`int8_advice`'s warnings for the quantize folders among ``paths`` (from their ``quantize.json``)."""
     lines = []
@@ -281,6 +293,8 @@ def onnx_predictor(
                                    backend=f"{backend} float (exported)", workdir=workdir)
     manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     extra = manifest.get("extra") or {}
+    if int8:
+        _check_int8_agreement(folder, backend)
     file = folder / (manifest_entry(folder, "int8", INT8_FILE) if int8 else manifest_entry(folder, "float", FLOAT_FILE))
     pre = _recorded_preprocessing(Preprocessing.from_manifest(manifest), preprocessing, spacing, str(folder), console)
     chosen = 0.25 if overlap is None else float(overlap)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -167,3 +168,17 @@ def test_the_advice_skips_a_fast_int8_runtime_that_disagrees_with_float() -> Non
     assert runtime == "onnxruntime" and len(warnings) == 1 and warnings[0].startswith("openvino INT8")
     report["agreement"]["openvino"]["agreement_dice"] = 0.99
     assert int8_advice(report) == ("openvino", [])
+
+
+def test_an_int8_file_that_disagreed_with_float_on_a_runtime_is_refused_there(quantized, tmp_path):
+    folder = tmp_path / "q"
+    shutil.copytree(quantized, folder)
+    report = json.loads((folder / "quantize.json").read_text())
+    report["agreement"]["onnxruntime"]["agreement_dice"] = 0.5  # as OpenVINO measured on concat-fed convolutions
+    (folder / "quantize.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="agreed with float at Dice 0.500") as err:
+        predict(folder, CT, tmp_path / "seg", backend="onnxruntime", int8=True)
+    assert "--float-after-concat" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "seg").exists()
+    [written] = predict(folder, CT, tmp_path / "seg", backend="onnxruntime")  # its float file is fine
+    assert written.is_file()
