@@ -9,7 +9,7 @@ MONAI's ``sliding_window_inference``, :func:`prunekit3d.report.paired_latency` -
 
 OpenVINO runs an INT8 QDQ file on oneDNN's INT8 convolutions (AVX512-VNNI / AMX), 3-D ones included,
 where ONNX Runtime's CPU ``QLinearConv`` takes a slow single-threaded im2col path for 3-D kernels
-(see ``NOTES-deploy.md`` for the measurements); a float file runs in float32 (no bf16 downcast).
+(see ``docs/deploy.md`` for the measurements); a float file runs in float32 (no bf16 downcast).
 
 :func:`backend_models` builds the set a report compares, one label each.
 

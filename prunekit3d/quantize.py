@@ -18,7 +18,7 @@ The INT8 file is standard ONNX (QuantizeLinear / DequantizeLinear around float o
 OpenVINO and TensorRT all read it. Which runtime makes it fast is measured, not assumed; on x86 CPUs
 OpenVINO runs its 3-D convolutions on oneDNN's INT8 kernels, while ONNX Runtime's CPU ``QLinearConv``
 is slower than float for 3-D kernels (single-threaded im2col wherever the channel counts miss its
-fast path) -- ``NOTES-deploy.md`` has the figures. Why symmetric activations: a zero point of 0 lets
+fast path) -- ``docs/deploy.md`` has the figures. Why symmetric activations: a zero point of 0 lets
 the runtime fold dequantisation into the convolution; asymmetric uint8 leaves a float subtraction per
 tensor that cost more than the INT8 convolutions saved (measured).
 
@@ -168,7 +168,7 @@ def quantize_onnx(
         output_layer_float: leave the segmentation head (the convolution writing the output) in float.
         after_concat_float: leave the convolutions reading a ``Concat`` in float. OpenVINO 2026.4 on an AVX512-VNNI
             CPU without AMX computes them far from the QDQ graph's meaning (a float Concat -> Q/DQ -> Conv subgraph
-            alone differs by ~10% of the logits range, ONNX Runtime by ~0); NOTES-deploy.md has the figures.
+            alone differs by ~10% of the logits range, ONNX Runtime by ~0); docs/deploy.md has the figures.
     """
     quantization = _ort_quantization()
     if calibrator not in CALIBRATORS:

@@ -28,7 +28,7 @@ def test_int8_runs_and_matches_float(tmp_path) -> None:
     assert report["quantized_ops"]["Conv"] >= 15 and "InstanceNormalization" not in report["quantized_ops"]
     assert report["size_ratio"] > 2.5  # int8 weights; scales and the float norms' parameters stay
     # Tolerance: INT8 logits within 25% of the float logits' range, and the segmentations mostly agree
-    # (random weights on noise; on the demo CT the agreement Dice is ~0.98, NOTES-deploy.md).
+    # (random weights on noise; on the demo CT the agreement Dice is ~0.98, docs/deploy.md).
     x = calibration[0]
     with torch.no_grad():
         want = net.eval()(x)
