@@ -44,7 +44,7 @@ from prunekit3d.evaluate import segmentation, sliding_window_logits
 from prunekit3d.io.artifact import FORMAT as ARTIFACT_FORMAT
 from prunekit3d.io.artifact import MANIFEST
 from prunekit3d.io.errors import first_line
-from prunekit3d.io.files import atomic_file, sha256, write_json
+from prunekit3d.io.files import atomic_file, check_inputs_outside, sha256, write_json
 from prunekit3d.quantize import QUANTIZED_FORMAT
 from prunekit3d.sources.bundle import is_bundle
 
@@ -248,12 +248,7 @@ def _check_out(out: Path, inputs: Sequence[Path]) -> None:
     """Refuse an ``out`` that is a file, or is or holds an input (symlinks resolved)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; the segmentations go into a directory: pick another path")
-    root = out.resolve()
-    for given in inputs:
-        path = Path(given).resolve()
-        if path == root or root in path.parents:
-            raise ValueError(f"--out {out} {'is' if path == root else 'holds'} the input {given}: predictions "
-                             "never go where an input lies; pick an output directory outside every input")
+    check_inputs_outside(out, inputs)
 
 
 def _written_before(out: Path) -> dict[str, Any]:

@@ -197,14 +197,14 @@ def _bundle_run(bundle: Path, images: Path, pred: Path, *overrides: str, without
 def test_write_bundle_never_overwrites_inputs_or_foreign_folders(tmp_path):
     bundle = read_bundle(_make_bundle(tmp_path / "bundle"))
     artifact = _compressed_artifact(bundle, tmp_path / "artifact")
-    with pytest.raises(ValueError, match="overlap"):
+    with pytest.raises(ValueError, match="lies inside the source"):
         write_bundle(bundle, artifact, tmp_path / "bundle" / "small")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
         write_bundle(bundle, artifact, foreign)
-    with pytest.raises(FileExistsError, match="not a bundle prunekit3d wrote"):
+    with pytest.raises(FileExistsError, match="not a directory prunekit3d wrote"):
         write_bundle(bundle, artifact, foreign, overwrite=True)
     assert (foreign / "keep.txt").read_text() == "mine"
     out = write_bundle(bundle, artifact, tmp_path / "small")

@@ -98,6 +98,25 @@ def test_an_output_inside_an_input_folder_is_allowed(tmp_path):
     assert check_output_dir(data / "compressed", inputs=[data]) == (data / "compressed").resolve()
 
 
+def test_an_output_inside_a_source_model_folder_is_refused(tmp_path):
+    # A compressed copy of a model folder or bundle never goes into the folder it copies.
+    source = _user_folder(tmp_path / "Dataset001__nnUNetTrainer__nnUNetPlans__3d_fullres")
+    with pytest.raises(ValueError, match="lies inside the source"):
+        check_output_dir(source / "compressed", sources=[source])
+    with pytest.raises(ValueError, match="is the input"):
+        check_output_dir(source, sources=[source], overwrite=True)
+    assert check_output_dir(tmp_path / "compressed", sources=[source]) == (tmp_path / "compressed").resolve()
+
+
+def test_a_bundle_prunekit3d_wrote_is_recognised_by_its_marker(tmp_path):
+    bundle = _user_folder(tmp_path / "bundle")
+    assert not is_prunekit3d_output(bundle)
+    (bundle / "prunekit3d.json").write_text(json.dumps({"format": "prunekit3d.bundle"}))
+    assert is_prunekit3d_output(bundle)
+    (bundle / "prunekit3d.json").write_text(json.dumps({"format": "somebody.else"}))
+    assert not is_prunekit3d_output(bundle)
+
+
 def test_a_file_is_never_an_output_directory(tmp_path):
     file = tmp_path / "model.pt"
     file.write_bytes(b"weights")

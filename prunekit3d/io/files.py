@@ -17,7 +17,8 @@ What may be replaced (a tool handed a team's only model and data folders must ne
 - :func:`check_output_dir` is what every writer of an output directory calls first, before any work:
   ``out`` must not be a file, must not hold (or be) any of the run's inputs, and, if it is not empty,
   it is replaced only with ``overwrite`` and only if prunekit3d wrote it (:func:`is_prunekit3d_output`:
-  a top-level ``manifest.json`` whose ``"format"`` starts with ``"prunekit3d."``).
+  a top-level ``manifest.json`` -- or a bundle's ``prunekit3d.json`` -- whose ``"format"`` starts with
+  ``"prunekit3d."``).
 - ``atomic_directory(overwrite=True)`` checks again when it swaps (defence in depth): it replaces a
   prunekit3d output, or a directory whose every entry the new one rewrites (a writer replacing its
   own earlier write, such as a checkpoint), never anything else.
@@ -53,6 +54,8 @@ __all__ = [
 #: this (``"prunekit3d.artifact"``, ...): what marks it as safe to replace with ``overwrite``.
 FORMAT_PREFIX = "prunekit3d."
 MANIFEST = "manifest.json"
+#: The files that mark a directory as prunekit3d's: the manifest, or a bundle's marker beside its configs/.
+MARKERS = (MANIFEST, "prunekit3d.json")
 
 
 def sha256(path: Path) -> str:
@@ -78,13 +81,17 @@ def _is_empty_dir(path: Path) -> bool:
 
 
 def is_prunekit3d_output(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a directory prunekit3d wrote: its ``manifest.json`` has a ``prunekit3d.*`` format."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    kind = manifest.get("format") if isinstance(manifest, dict) else None
-    return isinstance(kind, str) and kind.startswith(FORMAT_PREFIX)
+    """Whether ``path`` is a directory prunekit3d wrote: its ``manifest.json`` (or, in a MONAI bundle, whose own
+    files live in ``configs/``, its ``prunekit3d.json``) has a ``prunekit3d.*`` format."""
+    for name in MARKERS:
+        try:
+            manifest = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        kind = manifest.get("format") if isinstance(manifest, dict) else None
+        if isinstance(kind, str) and kind.startswith(FORMAT_PREFIX):
+            return True
+    return False
 
 
 def _resolved(path: str | os.PathLike) -> Path:
@@ -118,18 +125,22 @@ def check_output_dir(
     out: str | os.PathLike,
     *,
     inputs: Iterable[str | os.PathLike | None] = (),
+    sources: Iterable[str | os.PathLike] = (),
     overwrite: bool = False,
     what: str = "--out",
 ) -> Path:
     """Check, before any work, that a run may write (or replace) the directory ``out``.
 
-    Refused: ``out`` is a file; ``out`` is or holds one of ``inputs`` (:func:`check_inputs_outside`);
+    Refused: ``out`` is a file; ``out`` is or holds one of ``inputs`` or ``sources`` (:func:`check_inputs_outside`);
+    ``out`` lies inside one of ``sources`` (a model folder or bundle the output is a copy of: writing into it would
+    change the user's model);
     ``out`` is not empty and ``overwrite`` is False; ``out`` is not empty and not a directory prunekit3d
     wrote (:func:`is_prunekit3d_output`), whatever ``overwrite`` says. Nothing is written.
 
     Args:
         out: the output directory (may not exist yet).
         inputs: every path the run reads (model, calibration images, labels, data folders); ``None`` skipped.
+        sources: the model folders or bundles ``out`` is a compressed copy of (also refused around ``out``).
         overwrite: the user asked to replace an earlier output.
         what: how the user named ``out`` (``"--out"``, ``"path"``), for the messages.
 
@@ -147,7 +158,12 @@ def check_output_dir(
     root = _resolved(out)
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{what} {out} is a file; the output is a directory: pick another path")
-    check_inputs_outside(out, inputs, what=what)
+    sources = list(sources)
+    check_inputs_outside(out, [*inputs, *sources], what=what)
+    for source in sources:
+        if _resolved(source) in root.parents:
+            raise ValueError(f"{what} {out} lies inside the source {source}: writing there would change it; "
+                             "pick an output directory outside it")
     if root.is_dir() and any(root.iterdir()):
         if not overwrite:
             raise FileExistsError(

@@ -37,7 +37,7 @@ from torch import nn
 
 from prunekit3d.data.network_input import Preprocessing, root_cause
 from prunekit3d.evaluate import output_logits
-from prunekit3d.io.files import atomic_directory, sha256
+from prunekit3d.io.files import atomic_directory, check_output_dir, sha256
 from prunekit3d.io.rebuild import ARCHITECTURE_KEY
 from prunekit3d.sources.state_dict import check_3d, first_conv, fit_weights, read_state_dict
 
@@ -205,26 +205,6 @@ def read_bundle(path: str | Path) -> Bundle:
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-def _check_out(out: Path, source: Path, artifact: Path, overwrite: bool) -> None:
-    """``out`` may not be a file, lie in the source bundle (it is copied) or hold an input; a non-empty one is
-    replaced only with ``overwrite`` and only if prunekit3d wrote it."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; a bundle is a directory: pick another path")
-    root = out.resolve()
-    for given, inside_ok in ((source, False), (artifact, True)):
-        path = Path(given).resolve()
-        if path == root or root in path.parents or (not inside_ok and path in root.parents):
-            raise ValueError(f"the output bundle {out} and the input {given} overlap; write it somewhere else")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace a bundle prunekit3d "
-                                  "wrote, or pick another path")
-        marker = out / MARKER
-        if not marker.is_file() or _read_json(marker, "").get("format") != BUNDLE_FORMAT:
-            raise FileExistsError(f"{out} is not a bundle prunekit3d wrote (no {MARKER}); overwrite replaces only "
-                                  "those: pick another path")
-
-
 def _slim_network_def(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The network_def of the slim network: its base network spec and structural steps, as JSON."""
     return {"_target_": SLIM_NETWORK, "base": manifest["model"]["spec"], "steps": manifest["steps"]}
@@ -314,7 +294,7 @@ def write_bundle(
 
     source = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     out, artifact = Path(out), Path(artifact)
-    _check_out(out, source.root, artifact, overwrite)
+    check_output_dir(out, inputs=[artifact], sources=[source.root], overwrite=overwrite, what="the output bundle")
     manifest = load_manifest(artifact)
     slim = load(artifact, model=None if manifest["model"].get("spec") else source.fresh_network()).eval()
     patch = source.patch or tuple((manifest.get("extra") or {}).get("patch_size") or (96, 96, 96))

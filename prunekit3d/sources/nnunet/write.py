@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from prunekit3d.io.files import atomic_directory, sha256
+from prunekit3d.io.files import atomic_directory, check_output_dir, sha256
 from prunekit3d.sources.nnunet.checkpoint import write_checkpoint
 from prunekit3d.sources.nnunet.folder import CHECKPOINT, MANIFEST_FORMAT, NNUNetModel
 from prunekit3d.sources.nnunet.network import CLASS_NAME, SlimNNUNet
@@ -47,18 +47,6 @@ def slim_architecture(base: Mapping[str, Any], steps: Sequence[Mapping[str, Any]
                         "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernel_sizes]},
         "_kw_requires_import": [],
     }
-
-
-def _check_out(out: Path, source: Path, overwrite: bool) -> None:
-    out_r, src_r = out.resolve(), source.resolve()
-    if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
-        raise ValueError(f"--out {out} overlaps the source model folder {source}; write the compressed folder elsewhere")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        ours = (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text()).get("format") == MANIFEST_FORMAT
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-        if not ours:
-            raise FileExistsError(f"{out} is not a model folder prunekit3d wrote; overwrite=True replaces only those")
 
 
 def write_model_folder(
@@ -85,7 +73,7 @@ def write_model_folder(
     out = Path(out)
     if len(networks) != len(model.folds):
         raise ValueError(f"{len(networks)} networks for {len(model.folds)} folds; pass one compressed network per fold")
-    _check_out(out, model.folder, overwrite)
+    check_output_dir(out, sources=[model.folder], overwrite=overwrite, what="out")
     original = model.architecture
     kwargs = original["arch_kwargs"]
     slims = [
