@@ -57,9 +57,10 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--batch", type=int, default=s, help="patches per step (2)")
     sched.add_argument("--epochs", type=int, default=s, help="end-to-end distillation epochs with block pruning (4)")
     sched.add_argument("--blockwise-epochs", type=int, default=s, help="block-wise distillation epochs (4)")
-    sched.add_argument("--finetune-epochs", type=int, default=s, help="final distillation epochs (24)")
+    sched.add_argument("--finetune-epochs", type=int, default=s,
+                       help="final distillation epochs, shared by the channel rounds (48)")
     sched.add_argument("--iters-per-epoch", type=int, default=s, help="(10)")
-    sched.add_argument("--lr", type=float, default=s, help="Adam learning rate, poly decay per phase (5e-3)")
+    sched.add_argument("--lr", type=float, default=s, help="Adam learning rate, constant (5e-3)")
     sched.add_argument("--max-block-error", type=float, default=s,
                        help="replace an original block only if its stand-in error is at most this (0.02)")
     recipe = parser.add_argument_group("distillation and pruning criteria")
@@ -68,8 +69,10 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--augment", action="store_true", default=s, help="flip and jitter the distillation patches")
     recipe.add_argument("--temperature", type=float, default=s, help="of the distillation KL term (1)")
     recipe.add_argument("--feature-weight", type=float, default=s, metavar="W",
-                        help="weight of attention transfer at every encoder level (0: logits only)")
-    recipe.add_argument("--importance", choices=["magnitude", "taylor"], default=s, help="channel importance (magnitude)")
+                        help="weight of attention transfer at every encoder level and the 1/2-resolution decoder "
+                             "feature (1; 0: logits only)")
+    recipe.add_argument("--importance", choices=["magnitude", "taylor"], default=s,
+                        help="channel importance (magnitude)")
     recipe.add_argument("--allocation", choices=["uniform", "global", "cost"], default=s,
                         help="which layers lose channels: the same fraction each, one global ranking, or one ranking "
                              "by importance per unit of the budget's cost (uniform)")

@@ -54,7 +54,7 @@ class CompressConfig(JsonRecord):
         epochs: end-to-end distillation with progressive pruning of light branches.
         finetune_epochs: end-to-end distillation of the slim network, shared by the channel-pruning rounds.
         channel_rounds: channel pruning is spread over this many rounds (when channels must go at all).
-        lr: Adam learning rate; lr_decay: cosine decay from lr to 0 within every training phase.
+        lr: Adam learning rate (constant).
         calib_patches: fixed patches the pruner calibrates on.
         foreground_fraction: probability that a distillation patch is centred on the original's foreground
             (its own segmentation of the calibration volumes, or the labels if given).
@@ -99,16 +99,15 @@ class CompressConfig(JsonRecord):
     batch: int = 2
     blockwise_epochs: int = 4
     epochs: int = 4
-    finetune_epochs: int = 24
+    finetune_epochs: int = 48
     channel_rounds: int = 3
     iters_per_epoch: int = 10
     lr: float = 5e-3
-    lr_decay: bool = False
     calib_patches: int = 8
     foreground_fraction: float = 0.5
     augment: bool = False
     temperature: float = 1.0
-    feature_weight: float = 0.0
+    feature_weight: float = 1.0
     importance: str = "magnitude"
     allocation: str = "uniform"
     branches: int = 4

@@ -8,7 +8,6 @@ The stages themselves live in :mod:`~prunekit3d.recipes.compress.blocks` (1 and 
 from __future__ import annotations
 
 import copy
-import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -317,8 +316,8 @@ class CompressRun:
         score: Callable[[nn.Module], float] | None = None,
     ) -> dict[str, Any] | None:
         """``epochs`` epochs of ``step(images, labels) -> loss`` on random patches, checkpointed after every epoch
-        and continued from the last checkpoint on resume. The learning rate is ``lr`` throughout, or with
-        ``lr_decay`` follows a cosine from ``lr`` to 0 over the phase (each channel round is a phase).
+        and continued from the last checkpoint on resume. The learning rate stays constant: a cosine decay
+        measured worse on held-out data (``benchmarks/ablation.md``).
 
         With ``score`` (higher is better, e.g. the held-out agreement), the model is scored after every epoch
         and ends with the weights of its best epoch; returns ``{"epoch", "score", "scores"}`` then."""
@@ -335,11 +334,7 @@ class CompressRun:
             for epoch in range(first, epochs):
                 generator = self.generator(zlib.crc32(phase.encode()), epoch)
                 losses = []
-                for i in range(iters):
-                    if self.cfg.lr_decay:
-                        done = (epoch * iters + i) / max(epochs * iters, 1)
-                        for group in optimizer.param_groups:
-                            group["lr"] = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
+                for _ in range(iters):
                     losses.append(step(*self.batch(generator)))
                     bar.update(task, advance=1, info=f"loss {losses[-1]:.4f}")
                 progress: dict[str, Any] = {"phase": phase, "epoch": epoch}
