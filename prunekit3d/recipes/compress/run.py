@@ -317,7 +317,7 @@ class CompressRun:
     ) -> dict[str, Any] | None:
         """``epochs`` epochs of ``step(images, labels) -> loss`` on random patches, checkpointed after every epoch
         and continued from the last checkpoint on resume. The learning rate stays constant: a cosine decay
-        measured worse on held-out data (``benchmarks/ablation.md``).
+        measured worse on held-out data (``benchmarks/results/ablation-dynunet-flops0.3.md``).
 
         With ``score`` (higher is better, e.g. the held-out agreement), the model is scored after every epoch
         and ends with the weights of its best epoch; returns ``{"epoch", "score", "scores"}`` then."""
