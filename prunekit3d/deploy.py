@@ -35,6 +35,7 @@ from torch import nn
 from prunekit3d.data.network_input import Preprocessing
 from prunekit3d.data.patches import PatchSampler
 from prunekit3d.data.volumes import find_cases, read_case
+from prunekit3d.io.files import manifest_format
 from prunekit3d.quantize import (
     CALIBRATORS, FLOAT_FILE, INT8_FILE, MANIFEST, QUANTIZED_FORMAT, REPORT_FILE, QuantizeResult, _input_shape, quantize,
 )
@@ -45,14 +46,6 @@ __all__ = ["AGREEMENT_FLOOR", "INT8_DIR", "calibration_patches", "int8_advice", 
 
 #: Where ``compress --int8`` puts the quantize folder inside its output directory.
 INT8_DIR = "int8"
-
-
-def _format(root: Path) -> str | None:
-    try:
-        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return data.get("format") if isinstance(data, dict) else None
 
 
 def manifest_entry(folder: Path, key: str, default: str) -> str:
@@ -66,7 +59,7 @@ def quantized_folder(path: str | os.PathLike) -> Path | None:
     """The quantize output folder ``path`` is, or holds as ``int8/`` (``compress --int8``); ``None`` if neither."""
     root = Path(path)
     for folder in (root, root / INT8_DIR):
-        if folder.is_dir() and _format(folder) == QUANTIZED_FORMAT:
+        if folder.is_dir() and manifest_format(folder) == QUANTIZED_FORMAT:
             return folder
     return None
 
@@ -167,7 +160,7 @@ def quantize_artifact(
     root = Path(artifact)
     if not root.exists():
         raise FileNotFoundError(f"ARTIFACT {root} does not exist; pass a prunekit3d artifact directory (manifest.json)")
-    if _format(root) != FORMAT:
+    if manifest_format(root) != FORMAT:
         raise ValueError(f"ARTIFACT {root} is not a prunekit3d artifact (manifest.json of format {FORMAT!r}); "
                          "compress or save the network first (prunekit3d compress, prunekit3d.save)")
     if calibrator not in CALIBRATORS:

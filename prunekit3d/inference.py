@@ -44,7 +44,7 @@ from prunekit3d.evaluate import segmentation, sliding_window_logits
 from prunekit3d.io.artifact import FORMAT as ARTIFACT_FORMAT
 from prunekit3d.io.artifact import MANIFEST
 from prunekit3d.io.errors import first_line
-from prunekit3d.io.files import atomic_file, check_inputs_outside, sha256, write_json
+from prunekit3d.io.files import atomic_file, check_inputs_outside, manifest_format, sha256, write_json
 from prunekit3d.quantize import QUANTIZED_FORMAT
 from prunekit3d.sources.bundle import is_bundle
 
@@ -195,10 +195,10 @@ def load_predictor(
         return onnx_predictor(model, backend=backend, int8=int8, preprocessing=preprocessing, spacing=spacing,
                               patch=patch, overlap=overlap, device=device, console=console)
     root = Path(model)
-    if _manifest_format(root) == QUANTIZED_FORMAT:
+    if manifest_format(root) == QUANTIZED_FORMAT:
         raise ValueError(f"MODEL {root} is a prunekit3d quantize output (ONNX files): run it with --backend openvino "
                          "or --backend onnxruntime (add --int8 for its INT8 file)")
-    if (root / MANIFEST).is_file() and _manifest_format(root) == ARTIFACT_FORMAT:
+    if (root / MANIFEST).is_file() and manifest_format(root) == ARTIFACT_FORMAT:
         from prunekit3d.io import load_manifest
         from prunekit3d.sources import build_model
 
@@ -230,14 +230,6 @@ _MODEL_HINT = ("pass a prunekit3d artifact (manifest.json), a prunekit3d quantiz
                "(configs/inference.json) or an nnU-Net model folder (plans.json, dataset.json)")
 
 
-def _manifest_format(root: Path) -> str | None:
-    try:
-        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return data.get("format") if isinstance(data, dict) else None
-
-
 def is_nnunet_folder(path: Path) -> bool:
     """Whether ``path`` is an nnU-Net model folder (``plans.json`` and ``dataset.json``)."""
     return (Path(path) / "plans.json").is_file() and (Path(path) / "dataset.json").is_file()
@@ -256,7 +248,7 @@ def _written_before(out: Path) -> dict[str, Any]:
     file = out / MANIFEST
     if not file.exists():
         return {}
-    if _manifest_format(out) != PREDICTIONS_FORMAT:
+    if manifest_format(out) != PREDICTIONS_FORMAT:
         raise FileExistsError(f"{file} exists and is not a prunekit3d predictions manifest; pick another --out")
     return dict(json.loads(file.read_text(encoding="utf-8")).get("files") or {})
 

@@ -46,6 +46,7 @@ __all__ = [
     "check_output_dir",
     "fsync",
     "is_prunekit3d_output",
+    "manifest_format",
     "sha256",
     "write_json",
 ]
@@ -80,18 +81,20 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def manifest_format(path: str | os.PathLike, name: str = MANIFEST) -> str | None:
+    """The ``"format"`` that the JSON file ``path/name`` records, or ``None`` (no such file, not JSON, no format)."""
+    try:
+        manifest = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    kind = manifest.get("format") if isinstance(manifest, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def is_prunekit3d_output(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory prunekit3d wrote: its ``manifest.json`` (or, in a MONAI bundle, whose own
     files live in ``configs/``, its ``prunekit3d.json``) has a ``prunekit3d.*`` format."""
-    for name in MARKERS:
-        try:
-            manifest = json.loads((Path(path) / name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            continue
-        kind = manifest.get("format") if isinstance(manifest, dict) else None
-        if isinstance(kind, str) and kind.startswith(FORMAT_PREFIX):
-            return True
-    return False
+    return any((manifest_format(path, name) or "").startswith(FORMAT_PREFIX) for name in MARKERS)
 
 
 def _resolved(path: str | os.PathLike) -> Path:
