@@ -211,9 +211,8 @@ def calibrate(
         for batch in batches:
             model(_image(batch, image_key).to(device))
             count += 1
-    if count == 0:
-        raise ValueError("calibrate got no batches: pass a non-empty iterable of input tensors")
     if dist.is_available() and dist.is_initialized():
+        # A rank that got no batch contributes zeros: raising here would leave the others waiting in all_reduce.
         for name in sorted(totals):
             t = totals[name].to(device)
             dist.all_reduce(t)
@@ -221,6 +220,8 @@ def calibrate(
         n = torch.tensor([count], device=device)
         dist.all_reduce(n)
         count = int(n.item())
+    if count == 0:  # on every rank alike
+        raise ValueError("calibrate got no batches: pass a non-empty iterable of input tensors")
     plan = PrunePlan(step=step, batches=count, scorer=scorer.name)
     for name, cands in candidates.items():
         errors = totals[name].tolist()

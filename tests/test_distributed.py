@@ -61,3 +61,49 @@ def test_two_gloo_processes_take_identical_decisions(tmp_path):
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert history["world_size"] == 2 and history["events"] == views[0]["events"]
     assert (tmp_path / "run" / "model" / "manifest.json").is_file()
+
+
+CALIBRATION_WORKER = '''
+import json, os, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+import prunekit3d as pk
+from monai.networks.nets import DynUNet
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)  # the same network on both ranks
+net = pk.wrap(DynUNet(3, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 16]).eval(),
+              torch.zeros(1, 1, 16, 16, 16), branches=4)
+for _, m in pk.redundant_modules(net):
+    with torch.no_grad():
+        m.gates[1:].uniform_(-1, 1, generator=torch.Generator().manual_seed(1))
+given = int(sys.argv[2].split(",")[rank])  # calibration batches this rank receives
+batches = [torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(10 + i)) for i in range(given)]
+try:
+    view = {"plan": pk.calibrate(net, batches, step=1).to_dict()}
+except ValueError as err:
+    view = {"error": str(err)}
+Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(view))
+dist.destroy_process_group()
+'''
+
+
+def _calibrate_on_two_ranks(tmp_path, given: str) -> list[dict]:
+    (tmp_path / "worker.py").write_text(CALIBRATION_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(tmp_path / "worker.py"), str(tmp_path), given]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_a_rank_without_calibration_batches_contributes_zeros_and_decides_with_the_others(tmp_path):
+    views = _calibrate_on_two_ranks(tmp_path, "2,0")  # rank 1 receives none (it used to raise and hang rank 0)
+    assert views[0]["plan"] == views[1]["plan"]
+    assert views[0]["plan"]["batches"] == 2
+    (tmp_path / "none").mkdir()
+    views = _calibrate_on_two_ranks(tmp_path / "none", "0,0")  # nobody has data: both fail, in one line
+    assert all("no batches" in v["error"] for v in views)
