@@ -113,7 +113,9 @@ class OpenVinoModel(nn.Module):
         try:
             import openvino
         except ImportError as e:
-            raise ImportError("running ONNX files on OpenVINO needs openvino: pip install 'prunekit3d[openvino]'") from e
+            raise ImportError(
+                "running ONNX files on OpenVINO needs openvino: pip install 'prunekit3d[openvino]'"
+            ) from e
         self.threads = int(threads or torch.get_num_threads())
         config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": "f32"}  # else AMX machines silently run float models in bf16

@@ -57,7 +57,9 @@ class Scorer(Protocol):
         ...
 
 
-def _without(module: RedundantModule, x: torch.Tensor, z: torch.Tensor, terms: Mapping[int, torch.Tensor], s: Candidate) -> torch.Tensor:
+def _without(
+    module: RedundantModule, x: torch.Tensor, z: torch.Tensor, terms: Mapping[int, torch.Tensor], s: Candidate
+) -> torch.Tensor:
     if len(s) == len(terms):
         return x  # nothing left: the module is the identity
     rest = z
@@ -109,7 +111,9 @@ class ReconstructionError:
         return squared.clamp_min(0).sqrt()
 
     @staticmethod
-    def _rerun(module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rerun(
+        module: RedundantModule, x: torch.Tensor, candidates: list[Candidate]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         y = module.compute(x)
         errors = []
         for s in candidates:
@@ -139,7 +143,9 @@ def candidate_sets(module: RedundantModule, step: int) -> list[Candidate]:
 
 
 @contextlib.contextmanager
-def _scoring(observers: Mapping[RedundantModule, Callable[[RedundantModule, torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+def _scoring(
+    observers: Mapping[RedundantModule, Callable[[RedundantModule, torch.Tensor], torch.Tensor]]
+) -> Iterator[None]:
     """Each module in scoring mode (its forward calls its observer) for the block; reset on exit."""
     for m, observe in observers.items():
         m.scoring = observe

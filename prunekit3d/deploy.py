@@ -205,7 +205,8 @@ def _check_int8_agreement(folder: Path, backend: str) -> None:
         good, _ = int8_advice(json.loads(report.read_text(encoding="utf-8")))
         instead = f"--backend {good}" if good else "the float model (drop --int8)"
         raise ValueError(f"{folder}: on {backend} the INT8 model agreed with float at Dice {dice:.3f} only (below "
-                         f"{AGREEMENT_FLOOR}, {report.name}): use {instead}, or quantize again with --float-after-concat")
+                         f"{AGREEMENT_FLOOR}, {report.name}): use {instead}, or quantize again "
+                         "with --float-after-concat")
 
 
 def int8_warnings(paths: Sequence[str | os.PathLike]) -> list[str]:

@@ -135,7 +135,9 @@ def _record_text(preprocessing: Mapping[str, Any] | None) -> str | None:
     try:
         return json.dumps(dict(preprocessing), indent=1, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
-        raise ValueError(f"the preprocessing record is not plain JSON ({e}); pass numbers, strings, lists, dicts") from None
+        raise ValueError(
+            f"the preprocessing record is not plain JSON ({e}); pass numbers, strings, lists, dicts"
+        ) from None
 
 
 def _write_record(model_path: Path, text: str | None) -> None:
@@ -280,7 +282,9 @@ def onnx_parity(
             got = torch.from_numpy(_run(session, x)[0])
             want = _outputs(model(x))[0].detach().cpu().float()
             if got.shape != want.shape:
-                raise RuntimeError(f"ONNX Runtime returns shape {list(got.shape)} where the model returns {list(want.shape)}")
+                raise RuntimeError(
+                    f"ONNX Runtime returns shape {list(got.shape)} where the model returns {list(want.shape)}"
+                )
             excess = ((got - want).abs() - (atol + rtol * want.abs())).max()
             worst = max(worst, float((got - want).abs().max()))
             if float(excess) > 0:

@@ -123,7 +123,9 @@ def _first_conv_channels(model: nn.Module) -> int:
     if isinstance(model, torch.jit.ScriptModule):
         weight = next((p for p in model.parameters() if p.dim() == 5), None)
         if weight is None:
-            raise ValueError("the TorchScript network has no 3-D convolution weight; it is not a 3-D segmentation network")
+            raise ValueError(
+                "the TorchScript network has no 3-D convolution weight; it is not a 3-D segmentation network"
+            )
         return int(weight.shape[1])
     return int(first_conv(model)[1].in_channels)
 

@@ -27,7 +27,8 @@ from torch import nn
 from prunekit3d.modes import observed_forward
 from prunekit3d.redundant import MODES, LightBranch, RedundantModule, kernel_family
 
-__all__ = ["BlockSpec", "WrapSpec", "wrap", "redundant_modules", "find_blocks", "wrap_spec", "apply_wrap_spec", "unwrap"]
+__all__ = ["BlockSpec", "WrapSpec", "wrap", "redundant_modules", "find_blocks", "wrap_spec", "apply_wrap_spec",
+           "unwrap"]
 
 Targets = Union[Sequence[str], type, tuple[type, ...], Callable[[str, nn.Module], bool], None]
 

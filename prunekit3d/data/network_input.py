@@ -255,7 +255,9 @@ class Preprocessing(JsonRecord):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"--preprocessing {path} does not exist; give a JSON file or {PARSE_HELP}") from None
+            raise FileNotFoundError(
+                f"--preprocessing {path} does not exist; give a JSON file or {PARSE_HELP}"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"--preprocessing {path} is not valid JSON ({err})") from None
         if isinstance(data, Mapping) and "scheme" in data:
@@ -337,7 +339,9 @@ class Preprocessing(JsonRecord):
         try:
             built = parser.get_parsed_content("_prunekit3d_transforms")
         except Exception as err:  # noqa: BLE001 -- ConfigParser wraps import, reference and argument errors alike
-            raise ValueError(f"the MONAI transforms of the preprocessing record do not build: {root_cause(err)}") from None
+            raise ValueError(
+                f"the MONAI transforms of the preprocessing record do not build: {root_cause(err)}"
+            ) from None
         plain = [type(t).__name__ for t in built if not isinstance(t, MapTransform)]
         if plain:
             raise ValueError(f"the preprocessing transforms {plain} are array transforms; use their dictionary "

@@ -83,7 +83,8 @@ _REPLAY: dict[str, Callable[[nn.Module, Step], nn.Module]] = {
 def _record_steps(model: nn.Module) -> tuple[nn.Module, list[Step]]:
     """The plain model to save and the steps that rebuild its architecture from the base network."""
     steps = [dict(s) for s in getattr(model, STEPS_ATTR, [])]
-    if not steps and not redundant_modules(model) and any(isinstance(m, (GatedBlock, SlimParallel)) for m in model.modules()):
+    if (not steps and not redundant_modules(model)
+            and any(isinstance(m, (GatedBlock, SlimParallel)) for m in model.modules())):
         raise ValueError(
             f"this {type(model).__name__} was slimmed by prunekit3d.slim, which drops the masks that rebuild it; "
             "save the model before slim() (save slims it itself), or save a model returned by load()"
@@ -322,7 +323,8 @@ def load(
 
     Raises:
         ArtifactError: a file is missing, truncated or changed (checksums), the base network cannot be
-            built (also: its import path is not allowed), or the weights do not fit it (the first missing/unexpected key or mismatching shape).
+            built (also: its import path is not allowed), or the weights do not fit it (the first
+            missing/unexpected key or mismatching shape).
     """
     root = Path(path)
     manifest = load_manifest(root)

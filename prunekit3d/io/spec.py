@@ -86,7 +86,9 @@ def _check_plain_json(value: Any, where: str) -> None:
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise ValueError(f"{where} has the key {key!r}; a model spec must be plain JSON, whose keys are strings")
+                raise ValueError(
+                    f"{where} has the key {key!r}; a model spec must be plain JSON, whose keys are strings"
+                )
             _check_plain_json(item, f"{where}[{key!r}]")
         return
     raise ValueError(

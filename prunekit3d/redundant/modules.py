@@ -12,7 +12,8 @@ scalar gate and switchable on and off through a boolean buffer::
 Branch 0 may be an *original block* ``f`` (a block of a pretrained model that :func:`prunekit3d.wrap`
 replaced); its gate starts at 1 and the light branches' gates at 0, so a freshly built module computes
 exactly ``f``. The original branch is evaluated as ``torch.lerp(x, f(x), g_0)``, which is bit-exact
-``f(x)`` at ``g_0 = 1`` (:func:`~prunekit3d.redundant.branches.blend`, which also serves autocast). With no active branch a module is the identity.
+``f(x)`` at ``g_0 = 1`` (:func:`~prunekit3d.redundant.branches.blend`, which also serves autocast). With no active
+branch a module is the identity.
 
 The public contract used by calibration, pruning and slimming: ``.branches`` (ModuleList),
 ``.gates`` (Parameter), ``.active`` (bool buffer), ``.mask(indices)``, ``.unmask(indices)``,
@@ -298,7 +299,8 @@ class SequentialRedundantModule(RedundantModule):
         out: dict[int, torch.Tensor] = {}
         z = x
         for k in self.active_indices():
-            nxt = blend(z, self.branches[0](z), self.gates[0]) if self.is_original(k) else z + self.gates[k] * self.branches[k](z)
+            nxt = (blend(z, self.branches[0](z), self.gates[0]) if self.is_original(k)
+                   else z + self.gates[k] * self.branches[k](z))
             out[k] = nxt - z
             z = nxt
         return out

@@ -16,7 +16,8 @@ The labeled CT (``imagesTr/ct_abdomen.nii.gz``, 30 slices) is slices 82-111 of t
   other slices are the training and calibration parts, and cut to the slab (``Case.slices``) afterwards.
 
 Every part is written as its own NIfTI file (labels in a ``labels/`` folder beside it, named like the
-image) with the affine of its first slice, so predictions land on the scan's grid. Intensities stay in Hounsfield units; preprocessing is the user's choice.
+image) with the affine of its first slice, so predictions land on the scan's grid. Intensities stay in Hounsfield
+units; preprocessing is the user's choice.
 
 >>> split = heldout_split("work/split")
 >>> split.evaluation.image.name
@@ -110,7 +111,8 @@ def heldout_split(out: str | Path) -> HeldoutSplit:
     return HeldoutSplit(
         train=write("train", "train", train, True),
         calibration=(write("calibration", "abdomen", train, False),
-                     *(write("calibration", f"lower_{i + 1}", range(thirds[i], thirds[i + 1]), False) for i in range(3))),
+                     *(write("calibration", f"lower_{i + 1}", range(thirds[i], thirds[i + 1]), False)
+                       for i in range(3))),
         evaluation=write("evaluation", "evaluation", shifted(EVALUATION_SLICES), True),
         context=root / "unlabeled" / "ct_abdomen_full.nii.gz",
     )

@@ -326,7 +326,8 @@ def write_bundle(
                 file.write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
                 rewritten.append(str(file.relative_to(tmp)))
         note = (f"compressed by prunekit3d {__version__}: {parameters['before']:,} -> {parameters['after']:,} "
-                f"parameters; network_def {'rebuilds the slim network' if variant == 'slim_network' else 'loads models/model.ts'}")
+                "parameters; network_def "
+                f"{'rebuilds the slim network' if variant == 'slim_network' else 'loads models/model.ts'}")
         old = _read_json(tmp / METADATA, "") if (tmp / METADATA).is_file() else {}
         (tmp / METADATA).write_text(json.dumps(_metadata(old, note, variant == "slim_network"), indent=4) + "\n",
                                     encoding="utf-8")
@@ -334,7 +335,8 @@ def write_bundle(
             "format": BUNDLE_FORMAT, "format_version": 1, "prunekit3d_version": __version__,
             "torch_version": torch.__version__, "network_def": variant, "configs": rewritten,
             "source": {"bundle": str(source.root.resolve()), "version": old.get("version"),
-                       "weights": {"file": str(source.weights.relative_to(source.root)), "sha256": sha256(source.weights)}},
+                       "weights": {"file": str(source.weights.relative_to(source.root)),
+                                   "sha256": sha256(source.weights)}},
             "network": {"spec": manifest["model"].get("spec"), "steps": manifest["steps"], "parameters": parameters,
                         "example_input": list(example.shape)},
             "files": {f"models/{n}": {"sha256": sha256(tmp / "models" / n)} for n in ("model.pt", "model.ts")},

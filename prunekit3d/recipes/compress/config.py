@@ -29,7 +29,8 @@ class CompressConfig(JsonRecord):
         folds: the folds of an nnU-Net model folder to compress (default: all present).
         preprocessing: how the calibration images become the network's input -- the preprocessing the network
             was trained with (default: what the model's format records -- a bundle's transforms, an artifact's
-            record, nnU-Net's own preprocessing -- else a per-image z-score): "zscore", "zscore:nonzero", "ct:LO:HI", "ct:LO:HI:MEAN:STD", "percentile:LO:HI",
+            record, nnU-Net's own preprocessing -- else a per-image z-score): "zscore", "zscore:nonzero", "ct:LO:HI",
+            "ct:LO:HI:MEAN:STD", "percentile:LO:HI",
             "none" or a JSON file (:class:`~prunekit3d.data.network_input.Preprocessing`). Recorded in the
             artifact; ``prunekit3d predict`` re-applies it.
         spacing: resample the calibration images to this voxel spacing (mm) first; ``None`` keeps theirs.

@@ -42,7 +42,8 @@ class CompressResult:
         """One before / after table per compressed part (``"model"``, or the folds of an nnU-Net folder)."""
         if "parts" not in self.report:
             return {"model": self.table()}
-        return {part: CompressResult(self.out / part, r, self.model).table() for part, r in self.report["parts"].items()}
+        return {part: CompressResult(self.out / part, r, self.model).table()
+                for part, r in self.report["parts"].items()}
 
     def contents(self) -> str:
         """What ``out`` holds, in words."""

@@ -64,9 +64,12 @@ def _load(path: Path) -> Any:
         found = re.search(r"GLOBAL (\S+)", str(err))
         what = f"pickles a {found.group(1)}" if found else "holds objects the weights-only loader refuses"
         raise ValueError(f"{path} {what}: prunekit3d reads only tensors and plain values from nnU-Net checkpoints "
-                         "and never unpickles code; re-save it from a trusted nnU-Net with plain network_weights") from None
+                         "and never unpickles code; re-save it from a trusted nnU-Net with plain "
+                         "network_weights") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"cannot read {path}: damaged or not a PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+        raise ValueError(
+            f"cannot read {path}: damaged or not a PyTorch checkpoint ({str(err).splitlines()[0]})"
+        ) from None
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

@@ -162,7 +162,8 @@ def _check_base(base: dict[str, Any], network: nn.Module, folder: Path, trainer:
     rebuilt, state = from_spec(base).state_dict(), network.state_dict()
     if list(rebuilt) != list(state) or any(rebuilt[k].shape != state[k].shape for k in state):
         raise ValueError(f"{folder}: trainer {trainer} builds a network its plans do not describe (a custom "
-                         "build_network_architecture); prunekit3d can only rewrite folders whose plans describe the network")
+                         "build_network_architecture); prunekit3d can only rewrite folders whose plans describe "
+                         "the network")
 
 
 def read_model_folder(folder: str | Path, folds: Sequence[int | str] | None = None) -> NNUNetModel:

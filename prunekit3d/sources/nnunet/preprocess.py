@@ -44,7 +44,8 @@ def raw_cases(folder: str | Path, file_ending: str, channels: int) -> dict[str, 
     for case, files in cases.items():
         if sorted(files) != list(range(channels)):
             raise ValueError(f"case {case!r} in {folder} has channel files {sorted(files)}; the model takes "
-                             f"{channels} channel(s): {case}_0000{file_ending} ... {case}_{channels - 1:04d}{file_ending}")
+                             f"{channels} channel(s): {case}_0000{file_ending} ... "
+                             f"{case}_{channels - 1:04d}{file_ending}")
     return {case: [files[c] for c in range(channels)] for case, files in cases.items()}
 
 
@@ -102,6 +103,7 @@ def calibration_images(
     preprocessor = config.preprocessor_class(verbose=False)
     arrays = []
     for name in names:
-        data, _, _ = preprocessor.run_case([str(p) for p in found[name]], None, plans_manager, config, model.dataset_json)
+        data, _, _ = preprocessor.run_case([str(p) for p in found[name]], None, plans_manager, config,
+                                           model.dataset_json)
         arrays.append(np.ascontiguousarray(data, dtype=np.float32))
     return arrays

@@ -16,7 +16,8 @@ strides ``[[1,1,1], [2,2,2], ...]``, so nnU-Net's deep-supervision scales match 
 fold's final weights carry their own pruned architecture, so folds pruned differently share the plans.
 The output folder predicts with stock ``nnUNetv2_predict`` and compresses further with prunekit3d.
 
-Registration: ``export nnUNet_extTrainer=$(python -c "import prunekit3d.sources.nnunet as n; print(n.EXT_TRAINER_DIR)")``
+Registration:
+``export nnUNet_extTrainer=$(python -c "import prunekit3d.sources.nnunet as n; print(n.EXT_TRAINER_DIR)")``
 then ``nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerPSP``. One device (no DDP); no torch.compile
 (the masks change the graph). Knobs are class attributes (subclass to change them).
 """
@@ -145,7 +146,8 @@ class nnUNetTrainerPSP(nnUNetTrainer):
     def on_train_start(self) -> None:
         super().on_train_start()
         stages = [f"network.encoder.stages.{i}" for i in range(len(self.network.network.encoder_stages))]
-        self.fd_loss = FDLoss(self.network, mask_value=self._mask_value(), encoder=[*stages, "network.encoder.bottleneck"],
+        self.fd_loss = FDLoss(self.network, mask_value=self._mask_value(),
+                              encoder=[*stages, "network.encoder.bottleneck"],
                               decoder_half="network.decoder.stages.1")
         self.pruner = ProgressivePruner(
             self.network, self._calibration, total_epochs=self.num_epochs, patience=self.patience,
@@ -162,7 +164,8 @@ class nnUNetTrainerPSP(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device)
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             seg = self.loss(self.network(data), target)

@@ -78,7 +78,8 @@ def write_model_folder(
     kwargs = original["arch_kwargs"]
     slims = [
         SlimNNUNet.from_model(net, model.base, input_channels=model.input_channels, num_classes=model.num_classes,
-                              deep_supervision=False, strides=kwargs.get("strides"), kernel_sizes=kwargs.get("kernel_sizes"))
+                              deep_supervision=False, strides=kwargs.get("strides"),
+                              kernel_sizes=kwargs.get("kernel_sizes"))
         for net in networks
     ]
     plans = copy.deepcopy(model.plans)
