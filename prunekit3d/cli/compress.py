@@ -60,7 +60,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--finetune-epochs", type=int, default=s,
                        help="final distillation epochs, shared by the channel rounds (48)")
     sched.add_argument("--iters-per-epoch", type=int, default=s, help="(10)")
-    sched.add_argument("--lr", type=float, default=s, help="Adam learning rate, constant (5e-3)")
+    sched.add_argument("--lr", type=float, default=s, help="Adam learning rate, constant (1e-3)")
     sched.add_argument("--max-block-error", type=float, default=s,
                        help="replace an original block only if its stand-in error is at most this (0.02)")
     recipe = parser.add_argument_group("distillation and pruning criteria")

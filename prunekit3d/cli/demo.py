@@ -25,4 +25,4 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = ("compress a small DynUNet on the bundled sample CT and show before / after", add_demo_arguments, run_demo)
+COMMAND = ("compress a DynUNet on the bundled sample CT and show before / after", add_demo_arguments, run_demo)

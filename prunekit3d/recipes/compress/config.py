@@ -103,7 +103,7 @@ class CompressConfig(JsonRecord):
     finetune_epochs: int = 48
     channel_rounds: int = 3
     iters_per_epoch: int = 10
-    lr: float = 5e-3
+    lr: float = 1e-3
     calib_patches: int = 8
     foreground_fraction: float = 0.5
     augment: bool = False

@@ -104,6 +104,8 @@ def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], 
         "agreement_dice_distilled": distilled,
         "agreement_measured_on": run.split.description if held_out is not None else "the distillation data itself",
     }
+    if "best_epoch" in run.state:  # the last round's held-out agreement per epoch, and the epoch kept
+        report["best_epoch"] = run.state["best_epoch"]
     if run.split.labels is not None:
         part = "held_out" if held_out is not None else "distill"
         labels = [y.long() for y in run.split.labels[part]]
