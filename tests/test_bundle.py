@@ -222,3 +222,28 @@ def test_slim_weights_fit_a_network_def_that_holds_the_slim_network_under_a_pref
     assert _state_for(slim, slim).keys() == slim.state_dict().keys()
     with pytest.raises(ValueError, match="disagree"):
         _state_for(torch.nn.Conv3d(1, 2, 3), slim)
+
+
+@pytest.mark.slow
+def test_prunekit3d_compress_on_a_bundle_gives_a_bundle_monai_runs(tmp_path, capsys):
+    """The command a user types, ``prunekit3d compress BUNDLE --calib IMAGES``: the bundle's own transforms
+    preprocess the calibration images, and the bundle it writes runs with ``monai.bundle run``."""
+    pytest.importorskip("fire", reason="python -m monai.bundle needs fire (pip install fire)")
+    pytest.importorskip("ignite", reason="the bundle's SupervisedEvaluator needs pytorch-ignite")
+    from prunekit3d.cli import main
+
+    source = _make_bundle(tmp_path / "bundle")
+    image = _ct_crop(tmp_path / "images")
+    out = tmp_path / "small"
+    assert main(["compress", str(source), "--calib", str(image.parent), "--out", str(out), "--target-params", "0.5",
+                 "--blockwise-epochs", "1", "--epochs", "1", "--finetune-epochs", "2", "--iters-per-epoch", "2",
+                 "--batch", "1", "--holdout", "0", "--device", "cpu"]) == 0
+    marker = json.loads((out / "bundle" / MARKER).read_text())
+    parameters = marker["network"]["parameters"]
+    assert parameters["after"] <= 0.5 * parameters["before"]
+    # the bundle's own transforms are the recorded preprocessing (predict re-applies them)
+    assert pk.data.Preprocessing.from_manifest(pk.load_manifest(out)) == read_bundle(source).preprocessing
+    _bundle_run(out / "bundle", image.parent, tmp_path / "pred", "--network_def", TORCHSCRIPT_DEF,
+                without_prunekit3d=True)
+    written, original = nib.load(str(tmp_path / "pred" / "ct_seg.nii.gz")), nib.load(str(image))
+    assert written.shape == original.shape and np.allclose(written.affine, original.affine)
