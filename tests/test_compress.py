@@ -220,6 +220,7 @@ def test_int8_quantizes_the_result_into_out_int8_which_predict_runs(checkpoint, 
     int8 = report["int8"]
     assert int8["dir"] == "int8" and int8["size_ratio"] > 1 and int8["calibration_batches"] == 8  # --batch 1
     assert "onnxruntime int8" in int8["latency_ms"] and int8["agreement"]["onnxruntime"]["agreement_dice"] >= 0
+    assert f"INT8 in `int8/`: {int8['size_ratio']:.2f}x smaller" in (out / "report.md").read_text()
     pk.load(out)  # the artifact is intact beside int8/
     image_path = sample_dataset() / "imagesTr" / "ct_abdomen.nii.gz"
     # OUT/int8 is found from the artifact. This untrained network sits near its decision boundaries, so

@@ -208,6 +208,12 @@ def markdown_report(report: dict[str, Any], before: ModelReport, after: ModelRep
               "the compressed network timed in alternation (PyTorch's default path: "
               f"{report['latency_default_path_ms_before']:.1f} -> {report['latency_default_path_ms_after']:.1f} ms); "
               f"memory: {before.memory_method}.", ""]
+    int8 = report.get("int8")
+    if int8:  # what the INT8 folder beside the artifact holds, and where it is measured to agree with float
+        latency = ", ".join(f"{k} {v:.1f} ms" for k, v in int8.get("latency_ms", {}).items())
+        agreement = ", ".join(f"{k} {v['agreement_dice']:.3f}" for k, v in int8.get("agreement", {}).items())
+        lines += [f"INT8 in `{int8['dir']}/`: {int8['size_ratio']:.2f}x smaller than float ONNX; latency {latency}; "
+                  f"INT8 vs float agreement on the calibration patches: {agreement}.", ""]
     budget = report.get("budget")
     if budget:
         lines.append(f"Budget: keep at most {budget['asked']:g} of the {budget['kind']}; reached "
