@@ -121,7 +121,8 @@ def main() -> None:
         console.print(f"{name}: done")
 
     table = Table(title=f"channel pruning ({args.size}^3 input, batch 1, {args.threads} threads, CPU, eval)")
-    columns = ("network", "removed", "params (M)", "params", "GFLOPs (multiply-adds)", "FLOPs", "latency (ms)", "speed-up", "prune (s)")
+    columns = ("network", "removed", "params (M)", "params", "GFLOPs (multiply-adds)", "FLOPs", "latency (ms)",
+               "speed-up", "prune (s)")
     for col in columns:
         table.add_column(col, justify="left" if col in ("network", "removed") else "right")
     base: dict = {}

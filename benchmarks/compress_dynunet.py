@@ -75,7 +75,8 @@ def main() -> None:
     table = Table(title=f"compress: DynUNet trained {args.iterations} steps, --target-params 0.5 ({seconds:.0f} s)")
     for col in ("quantity", "before", "after", "after / before"):
         table.add_column(col, justify="left" if col == "quantity" else "right")
-    rows = (("params", "parameters", "{:,}"), ("flops", "GFLOPs (fvcore)", "{:.2f}"), ("latency_ms", "latency (ms)", "{:.1f}"))
+    rows = (("params", "parameters", "{:,}"), ("flops", "GFLOPs (fvcore)", "{:.2f}"),
+            ("latency_ms", "latency (ms)", "{:.1f}"))
     for key, name, form in rows:
         b, a = report[f"{key}_before"], report[f"{key}_after"]
         shown = (b / 1e9, a / 1e9) if key == "flops" else (b, a)

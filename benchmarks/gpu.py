@@ -44,7 +44,9 @@ def why_not() -> str | None:
     return None
 
 
-def ort_runner(path: Path, provider: str, options: dict, out_shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+def ort_runner(
+    path: Path, provider: str, options: dict, out_shape: tuple[int, ...]
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A CUDA-tensor -> CUDA-tensor call of ``path`` on ``provider`` (I/O binding, no host copies)."""
     import onnxruntime as ort
 
@@ -156,15 +158,18 @@ def main() -> None:
                                  "agreement_dice": _mean_dice(reference, seg, int(reference.max()) + 1)})
             rows += [{"network": name, "variant": k, "missing": v} for k, v in missing.items()]
     lines = [f"GPU check on {card}, input 1x1x{'x'.join(map(str, size))}, median of {args.repeats} paired rounds", "",
-             "| network | variant | ms | speed-up vs torch float32 | agreement Dice |", "| --- | --- | ---: | ---: | ---: |"]
+             "| network | variant | ms | speed-up vs torch float32 | agreement Dice |",
+             "| --- | --- | ---: | ---: | ---: |"]
     for r in rows:
         if "missing" in r:
             lines.append(f"| {r['network']} | {r['variant']} | unavailable: {r['missing']} | | |")
         else:
-            lines.append(f"| {r['network']} | {r['variant']} | {r['ms']:.2f} | {r['speedup']:.2f}x | {r['agreement_dice']:.3f} |")
+            lines.append(f"| {r['network']} | {r['variant']} | {r['ms']:.2f} | {r['speedup']:.2f}x"
+                         f" | {r['agreement_dice']:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    write_json(args.out, {"card": card, "size": list(size), "repeats": args.repeats, "torch": torch.__version__, "rows": rows})
+    write_json(args.out, {"card": card, "size": list(size), "repeats": args.repeats, "torch": torch.__version__,
+                          "rows": rows})
     with atomic_file(Path(args.out).with_suffix(".md")) as tmp:
         tmp.write_text(text, encoding="utf-8")
 

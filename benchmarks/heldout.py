@@ -169,7 +169,8 @@ def _compress(family: str, baseline: nn.Module, data: dict[str, Any], kind: str,
     out = args.out / family / f"{kind}-{value:g}"
     spec = args.out / family / "spec.json"
     write_json(spec, FAMILIES[family])
-    config = CompressConfig(checkpoint=str((args.baselines or args.out) / family / "baseline.safetensors"), out=str(out),
+    config = CompressConfig(checkpoint=str((args.baselines or args.out) / family / "baseline.safetensors"),
+                            out=str(out),
                             calib=str(data["calib"]), spec=str(spec), preprocessing=PREPROCESSING, patch=PATCH,
                             device="cpu", overwrite=True, **{kind: value}, **extra)
     started = time.perf_counter()
@@ -206,7 +207,8 @@ def _cells(row: dict[str, Any], original: dict[str, Any] | None) -> list[str]:
             cells.append("-")
             continue
         text = form.format(value / 1e9 if key == "flops" else value)
-        if original is not None and key in ("params", "flops", "latency_ms", "latency_onednn_ms") and row is not original:
+        if (original is not None and key in ("params", "flops", "latency_ms", "latency_onednn_ms")
+                and row is not original):
             reference = row.get(f"{key}_reference", original[key]) if key.startswith("latency") else original[key]
             text += f" (x{value / reference:.2f})"
         cells.append(text)

@@ -106,8 +106,8 @@ def main() -> None:
             float_onnx = export_onnx(net, calibration[0], Path(tmp) / f"{len(results)}.onnx")
             float_seg = segment(net, test_image)
             float_dice = _mean_dice(float_seg, test_label, classes)
-            table.add_row(name, "float", f"{float_onnx.stat().st_size / 2**20:.2f}", "", *[""] * (2 + 2 * len(runtimes)),
-                          "1.000", f"{float_dice:.3f}")
+            table.add_row(name, "float", f"{float_onnx.stat().st_size / 2**20:.2f}", "",
+                          *[""] * (2 + 2 * len(runtimes)), "1.000", f"{float_dice:.3f}")
             variants = [(c, False) for c in CALIBRATORS] + [("minmax", True)]
             for calibrator, head_float in variants:
                 label = calibrator + (", head float" if head_float else "")

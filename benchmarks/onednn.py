@@ -45,10 +45,12 @@ def networks(console: Console) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
         checkpoint = Path(tmp) / "baseline.safetensors"
         safetensors.torch.save_model(base, str(checkpoint))
         console.print("compressing the demo baseline (as `prunekit3d demo` does) ...")
-        small = compress(CompressConfig(checkpoint=str(checkpoint), out=str(Path(tmp) / "c"), calib=str(demo_data(Path(tmp) / "data")[0].calibration_dir),
+        calib = str(demo_data(Path(tmp) / "data")[0].calibration_dir)
+        small = compress(CompressConfig(checkpoint=str(checkpoint), out=str(Path(tmp) / "c"), calib=calib,
                                         preprocessing=PREPROCESSING,
                                         model=BASELINE_SPEC["import_path"], model_kwargs=BASELINE_SPEC["kwargs"],
-                                        target_params=0.5, patch=PATCH, device="cpu"), console=Console(quiet=True)).model
+                                        target_params=0.5, patch=PATCH, device="cpu"),
+                         console=Console(quiet=True)).model
     torch.manual_seed(0)
     big = DynUNet(3, 1, 4, [3] * 6, [1, 2, 2, 2, 2, 2], [2] * 5, filters=[32, 64, 128, 256, 320, 320])
     return [("demo DynUNet", base, (1, 1, *PATCH)), ("demo DynUNet compressed", small.cpu(), (1, 1, *PATCH)),
@@ -85,7 +87,8 @@ def main() -> None:
         table.add_row(kind, name, f"{size[0] * size[1] * size[2] * size[3]:,}" if kind == "conv" else "",
                       f"{default_ms:.2f}", f"{onednn_ms:.2f}", f"{default_ms / onednn_ms:.2f}x", f"{diff:.1e}")
     console.print(table)
-    write_json(args.out, {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__, "rows": results})
+    write_json(args.out, {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+                          "rows": results})
     console.print(f"wrote {args.out}")
 
 

@@ -34,8 +34,8 @@ def main() -> None:
         print(f"evaluation slab (never trained on): {held_out.scores(model, None, PATCH)}")
         print(f"  with float16 weights: {held_out.scores(model.half().float(), None, PATCH)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # float16 halves the file; loading casts back to float32 (held-out Dice 0.7020 -> 0.7022). save_model keeps one name per shared
-    # tensor (DynUNet holds its skip blocks twice).
+    # float16 halves the file; loading casts back to float32 (held-out Dice 0.7020 -> 0.7022). save_model keeps one
+    # name per shared tensor (DynUNet holds its skip blocks twice).
     safetensors.torch.save_model(model.half(), str(args.out), metadata={"trained_by": "scripts/train_demo_baseline.py",
                                                            "iterations": str(args.iterations), "seed": str(args.seed)})
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")

@@ -134,14 +134,16 @@ def test_predict_never_writes_over_an_input_or_a_foreign_file(demo_artifact, tmp
     with pytest.raises(FileExistsError, match="not written by prunekit3d predict"):
         predict(demo_artifact, images, foreign, device="cpu", overwrite=True)
     assert (foreign / "ct_abdomen.nii.gz").read_bytes() == b"someone's segmentation"
-    assert (images / "ct_abdomen.nii.gz").read_bytes() == before and sorted(images.iterdir()) == [images / "ct_abdomen.nii.gz"]
+    assert ((images / "ct_abdomen.nii.gz").read_bytes() == before
+            and sorted(images.iterdir()) == [images / "ct_abdomen.nii.gz"])
 
 
 def test_the_command_line(demo_artifact, demo_prediction, tmp_path, capsys):
     assert main(["predict", str(demo_artifact), str(CT), "--out", str(tmp_path / "seg"), "--device", "cpu",
                  "--patch", *map(str, PATCH), "--no-onednn"]) == 0
     # PyTorch's own convolutions and oneDNN's (the default) give the same segmentation, up to float rounding
-    assert float((_classes(tmp_path / "seg" / "ct_abdomen.nii.gz") == _classes(demo_prediction[0])).float().mean()) > 0.9999
+    agreement = (_classes(tmp_path / "seg" / "ct_abdomen.nii.gz") == _classes(demo_prediction[0])).float().mean()
+    assert float(agreement) > 0.9999
     capsys.readouterr()
     assert main(["predict", str(demo_artifact), str(CT), "--out", str(tmp_path / "seg")]) == 2
     err = capsys.readouterr().err.strip()

@@ -398,7 +398,8 @@ def test_an_artifact_naming_an_unlisted_import_is_refused_before_anything_is_imp
     artifact = save(torch.nn.Conv3d(1, 2, 3), tmp_path / "downloaded")
     _respec(artifact, import_path)
     modules = set(sys.modules)
-    with pytest.raises(ArtifactError, match=r"outside the import allow-list.*allow_imports=\[.*PRUNEKIT3D_ALLOW_IMPORTS"):
+    with pytest.raises(ArtifactError,
+                       match=r"outside the import allow-list.*allow_imports=\[.*PRUNEKIT3D_ALLOW_IMPORTS"):
         load(artifact)
     assert set(sys.modules) == modules  # not even a parent package was imported
     assert not (unlisted_package / "IMPORTED").exists()
@@ -415,7 +416,8 @@ def test_an_allowed_import_builds_through_the_argument_or_the_environment(unlist
     monkeypatch.setenv("PRUNEKIT3D_ALLOW_IMPORTS", "other_pkg, some_unlisted_pkg")
     assert type(load(artifact)).__name__ == "Net"
     monkeypatch.delenv("PRUNEKIT3D_ALLOW_IMPORTS")
-    assert type(from_spec({"import_path": "some_unlisted_pkg.Net"}, allow_imports=["some_unlisted_pkg.Net"])).__name__ == "Net"
+    net = from_spec({"import_path": "some_unlisted_pkg.Net"}, allow_imports=["some_unlisted_pkg.Net"])
+    assert type(net).__name__ == "Net"
 
 
 def test_registry_names_need_no_allow_list(monkeypatch):

@@ -168,7 +168,8 @@ def test_compress_write_and_stock_predict(nnunet_env, capsys):
         checkpoint = torch.load(out / f"fold_{fold}" / "checkpoint_final.pth", weights_only=True)
         assert checkpoint["trainer_name"] == "nnUNetTrainer"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == "prunekit3d.nnunet" and manifest["source"]["folder"] == str(nnunet_env["model"].resolve())
+    assert (manifest["format"] == "prunekit3d.nnunet"
+            and manifest["source"]["folder"] == str(nnunet_env["model"].resolve()))
     steps = [decode_steps(read_checkpoint(out / f"fold_{f}" / "checkpoint_final.pth").weights[ARCHITECTURE_KEY])
              for f in (0, 1)]
     assert steps[0] != steps[1]  # two architectures in one folder: each fold's weights carry theirs
@@ -188,7 +189,8 @@ def test_compress_write_and_stock_predict(nnunet_env, capsys):
     assert np.mean(stock == read(ours[0])) > 0.9995
     from prunekit3d.report import count_flops
 
-    flops = [(count_flops(f.teacher, x)[0], count_flops(c.teacher, x)[0]) for f, c in zip(model.folds, compressed.folds)]
+    flops = [(count_flops(f.teacher, x)[0], count_flops(c.teacher, x)[0])
+             for f, c in zip(model.folds, compressed.folds)]
     with capsys.disabled():
         print(f"\nnnU-Net compressed: params {params} -> {after}; FLOPs (1x1x32^3) {flops}; Dice vs original "
               f"predictions {_dice(stock, original, 4):.3f}")

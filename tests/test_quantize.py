@@ -73,5 +73,6 @@ def test_bad_calibration_gets_one_clear_line(tmp_path, batches, message) -> None
 
 
 def test_check_calibration_reads_dynamic_shapes() -> None:
-    arrays = check_calibration([torch.randn(1, 1, 8, 8, 8), torch.randn(3, 1, 16, 8, 8).numpy()], ["b", 1, "x", "y", "z"])
+    arrays = check_calibration([torch.randn(1, 1, 8, 8, 8), torch.randn(3, 1, 16, 8, 8).numpy()],
+                               ["b", 1, "x", "y", "z"])
     assert [a.shape[0] for a in arrays] == [1, 3] and all(a.dtype.name == "float32" for a in arrays)

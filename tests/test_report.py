@@ -117,7 +117,8 @@ def test_measure_refuses_a_bad_size() -> None:
 
 
 def test_paired_latency_times_each_model_in_alternation() -> None:
-    small, large = torch.nn.Conv3d(1, 2, 1), torch.nn.Sequential(*[torch.nn.Conv3d(1, 1, 3, padding=1) for _ in range(8)])
+    small = torch.nn.Conv3d(1, 2, 1)
+    large = torch.nn.Sequential(*[torch.nn.Conv3d(1, 1, 3, padding=1) for _ in range(8)])
     large.train()
     calls: list[str] = []
     small.register_forward_hook(lambda *_: calls.append("small"))
