@@ -126,13 +126,13 @@ def main() -> None:
             _save(results_file, rows, args)
         for kind, value in budgets:
             variant = f"{kind}={value:g}"
-            if (family, variant) in done:
-                continue
-            small, seconds, report = _compress(family, baseline, data, kind, value, extra, args, console)
-            rows.append({"family": family, "variant": variant, "compress_s": seconds, **costs(small, baseline),
-                         **held_out.scores(small, baseline, PATCH),
-                         "agreement_reported": report.get("agreement_dice")})
-            _save(results_file, rows, args)
+            if (family, variant) not in done:
+                small, seconds, report = _compress(family, baseline, data, kind, value, extra, args, console)
+                rows.append({"family": family, "variant": variant, "compress_s": seconds, **costs(small, baseline),
+                             **held_out.scores(small, baseline, PATCH),
+                             "agreement_reported": report.get("agreement_dice")})
+                _save(results_file, rows, args)
+            # a resumed run still trains the plain student of a budget compressed before
             if variant == args.student_budget and (family, f"plain student {variant}") not in done:
                 student = pk.load(args.out / family / variant.replace("=", "-"))
                 _reinitialise(student)
