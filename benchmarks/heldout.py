@@ -242,7 +242,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((axes[0], "flops", "GFLOPs (multiply-adds, one patch)"),
                            (axes[1], "latency_onednn_ms", "latency, oneDNN path (ms, one patch, 2 threads)")):
-        for family in dict.fromkeys(r["family"] for r in rows):
+        for colour, family in enumerate(dict.fromkeys(r["family"] for r in rows)):  # one colour per family
             mine = [r for r in rows if r["family"] == family]
             kinds = {"original": "o", "compressed": "s", "student": "x"}
             for kind, marker in kinds.items():
@@ -251,7 +251,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
                        or (kind == "compressed" and r["variant"].startswith("target_"))]
                 if pts:
                     xs = [r[key] / (1e9 if key == "flops" else 1) for r in pts]
-                    ax.scatter(xs, [r["dice"] for r in pts], marker=marker, label=f"{family} {kind}")
+                    ax.scatter(xs, [r["dice"] for r in pts], marker=marker, color=f"C{colour}",
+                               label=f"{family} {kind}")
         ax.set_xlabel(label)
         ax.set_ylabel("held-out Dice")
         ax.set_xscale("log")
