@@ -199,10 +199,10 @@ def int8_advice(report: dict[str, Any]) -> tuple[str | None, list[str]]:
 def _check_int8_agreement(folder: Path, backend: str) -> None:
     """Refuse an INT8 file on a runtime where quantize measured it to disagree with float: it would segment wrongly."""
     report = folder / manifest_entry(folder, "report", REPORT_FILE)
-    measured = json.loads(report.read_text(encoding="utf-8")).get("agreement", {}) if report.is_file() else {}
-    dice = (measured.get(backend) or {}).get("agreement_dice")
+    measured = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
+    dice = (measured.get("agreement", {}).get(backend) or {}).get("agreement_dice")
     if dice is not None and dice < AGREEMENT_FLOOR:
-        good, _ = int8_advice(json.loads(report.read_text(encoding="utf-8")))
+        good, _ = int8_advice(measured)
         instead = f"--backend {good}" if good else "the float model (drop --int8)"
         raise ValueError(f"{folder}: on {backend} the INT8 model agreed with float at Dice {dice:.3f} only (below "
                          f"{AGREEMENT_FLOOR}, {report.name}): use {instead}, or quantize again "

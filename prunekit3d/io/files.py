@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BUNDLE_MARKER",
     "FORMAT_PREFIX",
     "atomic_directory",
     "atomic_file",
@@ -55,8 +56,10 @@ __all__ = [
 #: this (``"prunekit3d.artifact"``, ...): what marks it as safe to replace with ``overwrite``.
 FORMAT_PREFIX = "prunekit3d."
 MANIFEST = "manifest.json"
+#: A MONAI bundle keeps its own files in configs/ and no manifest: this file marks one that prunekit3d wrote.
+BUNDLE_MARKER = "prunekit3d.json"
 #: The files that mark a directory as prunekit3d's: the manifest, or a bundle's marker beside its configs/.
-MARKERS = (MANIFEST, "prunekit3d.json")
+MARKERS = (MANIFEST, BUNDLE_MARKER)
 
 
 def sha256(path: Path) -> str:

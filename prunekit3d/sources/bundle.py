@@ -37,7 +37,7 @@ from torch import nn
 
 from prunekit3d.data.network_input import Preprocessing, root_cause
 from prunekit3d.evaluate import output_logits
-from prunekit3d.io.files import atomic_directory, check_output_dir, sha256
+from prunekit3d.io.files import BUNDLE_MARKER, atomic_directory, check_output_dir, sha256
 from prunekit3d.io.rebuild import ARCHITECTURE_KEY
 from prunekit3d.sources.state_dict import check_3d, first_conv, fit_weights, read_state_dict
 
@@ -47,8 +47,8 @@ CONFIG = Path("configs") / "inference.json"
 METADATA = Path("configs") / "metadata.json"
 #: Where a bundle keeps its weights, in the order they are looked for.
 WEIGHT_FILES = (Path("models") / "model.safetensors", Path("models") / "model.pt")
-#: The file marking a bundle prunekit3d wrote (bundles keep no manifest in configs/), and its format.
-MARKER = "prunekit3d.json"
+#: The file marking a bundle prunekit3d wrote (io.files.BUNDLE_MARKER), and its format.
+MARKER = BUNDLE_MARKER
 BUNDLE_FORMAT = "prunekit3d.bundle"
 #: The class a written bundle's network_def names to rebuild the slim network from JSON.
 SLIM_NETWORK = "prunekit3d.io.rebuild.SlimNetwork"
