@@ -11,7 +11,13 @@ neither training, calibration nor distillation sees. Per row:
 - held-out Dice and NSD against the labels (mean of liver, kidneys, spleen), held-out agreement (Dice with the
   original's segmentation), and compress's wall time;
 - a "plain student": the compressed architecture re-initialised and trained from scratch on the training
-  slab like the baseline -- what compression adds over training a small network directly.
+  slab like the baseline -- what compression adds over training a small network directly;
+- a "second original": the same family trained like the baseline with another seed -- the agreement with the
+  original that an equally trained, equally large network reaches on the evaluation slab, the yardstick for
+  the compressed rows' agreement.
+
+With ``--with-labels`` the compressed rows are made as a user with a labeled training set would: ``compress``
+calibrates and distils on the training slab with ``--labels`` (a supervised term beside the distillation).
 
 Writes ``heldout.json`` (after every row), ``heldout.md`` and ``heldout.png`` (held-out Dice against FLOPs and
 against latency) into ``--out``. Measured numbers only.
@@ -105,6 +111,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("heldout-results"))
     parser.add_argument("--baselines", type=Path, help="where trained baselines are kept and reused (default: --out)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--with-labels", action="store_true",
+                        help="compress on the training slab with its labels instead of the unlabeled calibration images")
+    parser.add_argument("--no-second-original", dest="second_original", action="store_false",
+                        help="skip training each family a second time with another seed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=max(Console().width, 160))
@@ -112,7 +122,7 @@ def main() -> None:
     split = heldout_split(args.out / "split")
     record = Preprocessing.parse(PREPROCESSING)
     held_out = evaluation(split, record)
-    data = {"calib": split.calibration_dir, "train": training_pair(split, record)}
+    data = {"calib": split.calibration_dir, "train": training_pair(split, record), "split": split}
     budgets = [(k, float(v)) for k, v in (b.split("=") for b in args.budgets)]
     extra = json.loads(args.compress)
     results_file = args.out / "heldout.json"
@@ -124,8 +134,13 @@ def main() -> None:
             rows.append({"family": family, "variant": "original", **costs(baseline, baseline),
                          **held_out.scores(baseline, None, PATCH), "agreement": 1.0})
             _save(results_file, rows, args)
+        if args.second_original and (family, "second original") not in done:
+            twin = _baseline(family, data, args, console, seed=1)
+            rows.append({"family": family, "variant": "second original", **costs(twin, baseline),
+                         **held_out.scores(twin, baseline, PATCH)})
+            _save(results_file, rows, args)
         for kind, value in budgets:
-            variant = f"{kind}={value:g}"
+            variant = f"{kind}={value:g}" + (" with labels" if args.with_labels else "")
             if (family, variant) not in done:
                 small, seconds, report = _compress(family, baseline, data, kind, value, extra, args, console)
                 rows.append({"family": family, "variant": variant, "compress_s": seconds, **costs(small, baseline),
@@ -134,7 +149,7 @@ def main() -> None:
                 _save(results_file, rows, args)
             # a resumed run still trains the plain student of a budget compressed before
             if variant == args.student_budget and (family, f"plain student {variant}") not in done:
-                student = pk.load(args.out / family / variant.replace("=", "-"))
+                student = pk.load(args.out / family / _folder(variant))
                 _reinitialise(student)
                 fit(student, *data["train"], args.iterations, 1, console, f"{family}: plain student {variant}")
                 rows.append({"family": family, "variant": f"plain student {variant}", **costs(student, baseline),
@@ -145,8 +160,10 @@ def main() -> None:
     console.print(f"wrote {results_file}, {args.out / 'heldout.md'}, {args.out / 'heldout.png'}")
 
 
-def _baseline(family: str, data: dict[str, Any], args: argparse.Namespace, console: Console) -> nn.Module:
-    path = (args.baselines or args.out) / family / "baseline.safetensors"
+def _baseline(family: str, data: dict[str, Any], args: argparse.Namespace, console: Console,
+              seed: int = 0) -> nn.Module:
+    name = "baseline.safetensors" if seed == 0 else f"baseline-seed{seed}.safetensors"
+    path = (args.baselines or args.out) / family / name
     model = build(family)
     if path.is_file():
         from prunekit3d.sources import fit_weights, read_state_dict
@@ -155,8 +172,8 @@ def _baseline(family: str, data: dict[str, Any], args: argparse.Namespace, conso
         return model.eval()
     import safetensors.torch
 
-    torch.manual_seed(0)
-    model = fit(build(family), *data["train"], args.iterations, 0, console, f"{family}: baseline")
+    torch.manual_seed(seed)
+    model = fit(build(family), *data["train"], args.iterations, seed, console, f"{family}: baseline seed {seed}")
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_model(model, str(path))
     return model
@@ -166,16 +183,22 @@ def _compress(family: str, baseline: nn.Module, data: dict[str, Any], kind: str,
               extra: dict[str, Any], args: argparse.Namespace, console: Console) -> tuple[nn.Module, float, dict]:
     from prunekit3d.recipes.compress import CompressConfig, compress
 
-    out = args.out / family / f"{kind}-{value:g}"
     spec = args.out / family / "spec.json"
     write_json(spec, FAMILIES[family])
+    split = data["split"]
+    calib = {"calib": str(split.train.image), "labels": str(split.train.label)} if args.with_labels else {
+        "calib": str(data["calib"])}
+    variant = f"{kind}={value:g}" + (" with labels" if args.with_labels else "")
     config = CompressConfig(checkpoint=str((args.baselines or args.out) / family / "baseline.safetensors"),
-                            out=str(out),
-                            calib=str(data["calib"]), spec=str(spec), preprocessing=PREPROCESSING, patch=PATCH,
-                            device="cpu", overwrite=True, **{kind: value}, **extra)
+                            out=str(args.out / family / _folder(variant)), spec=str(spec), preprocessing=PREPROCESSING,
+                            patch=PATCH, device="cpu", overwrite=True, **calib, **{kind: value}, **extra)
     started = time.perf_counter()
     result = compress(config, console=console)
     return result.model.cpu().eval(), time.perf_counter() - started, result.report
+
+
+def _folder(variant: str) -> str:
+    return variant.replace("=", "-").replace(" with labels", "-labels")
 
 
 def _reinitialise(model: nn.Module) -> None:
@@ -233,6 +256,14 @@ def _table(rows: list[dict[str, Any]], console: Console) -> None:
     console.print(table)
 
 
+def _kind(variant: str) -> str:
+    if variant.startswith("plain student"):
+        return "student"
+    if variant.startswith("target_"):
+        return "compressed with labels" if variant.endswith("with labels") else "compressed"
+    return variant
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -244,11 +275,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
                            (axes[1], "latency_onednn_ms", "latency, oneDNN path (ms, one patch, 2 threads)")):
         for colour, family in enumerate(dict.fromkeys(r["family"] for r in rows)):  # one colour per family
             mine = [r for r in rows if r["family"] == family]
-            kinds = {"original": "o", "compressed": "s", "student": "x"}
+            kinds = {"original": "o", "second original": "^", "compressed": "s", "compressed with labels": "D",
+                     "student": "x"}
             for kind, marker in kinds.items():
-                pts = [r for r in mine if (kind == "original" and r["variant"] == "original")
-                       or (kind == "student" and r["variant"].startswith("plain student"))
-                       or (kind == "compressed" and r["variant"].startswith("target_"))]
+                pts = [r for r in mine if _kind(r["variant"]) == kind]
                 if pts:
                     xs = [r[key] / (1e9 if key == "flops" else 1) for r in pts]
                     ax.scatter(xs, [r["dice"] for r in pts], marker=marker, color=f"C{colour}",

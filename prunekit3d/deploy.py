@@ -37,7 +37,8 @@ from prunekit3d.data.patches import PatchSampler
 from prunekit3d.data.volumes import find_cases, read_case
 from prunekit3d.io.files import manifest_format
 from prunekit3d.quantize import (
-    CALIBRATORS, FLOAT_FILE, INT8_FILE, MANIFEST, QUANTIZED_FORMAT, REPORT_FILE, QuantizeResult, _input_shape, quantize,
+    CALIBRATORS, FLOAT_FILE, INT8_FILE, MANIFEST, QUANTIZED_FORMAT, REPORT_FILE, QuantizeResult, onnx_input_shape,
+    quantize,
 )
 
 __all__ = ["AGREEMENT_FLOOR", "INT8_DIR", "calibration_patches", "int8_advice", "int8_summary", "int8_warnings",
@@ -151,7 +152,7 @@ def quantize_artifact(
     Raises:
         FileNotFoundError, FileExistsError, ValueError: one line naming the problem and the fix.
     """
-    from prunekit3d.inference import _patch, _recorded_preprocessing
+    from prunekit3d.inference import resolve_patch, resolve_preprocessing
     from prunekit3d.io import load, load_manifest
     from prunekit3d.io.artifact import FORMAT
     from prunekit3d.io.files import check_output_dir
@@ -169,8 +170,8 @@ def quantize_artifact(
     manifest = load_manifest(root)
     extra = manifest.get("extra") or {}
     console = console or Console(stderr=True)
-    record = _recorded_preprocessing(Preprocessing.from_manifest(manifest), preprocessing, None, str(root), console)
-    window = _patch(patch, extra.get("patch_size") or extra.get("patch"))
+    record = resolve_preprocessing(Preprocessing.from_manifest(manifest), preprocessing, None, str(root), console)
+    window = resolve_patch(patch, extra.get("patch_size") or extra.get("patch"))
     model = load(root).eval()
     channels = int(first_conv(model)[1].in_channels)
     batches = calibration_patches(calib, record, window, in_channels=channels, count=max_patches, seed=seed)
@@ -262,7 +263,7 @@ def onnx_predictor(
     """A :class:`prunekit3d.inference.Predictor` running an ONNX file on ``backend`` (``"onnxruntime"``,
     ``"openvino"``) on the CPU; see the module docstring for which file. ``ignored``: ``onednn`` (torch only)."""
     from prunekit3d.backends import RUNTIMES
-    from prunekit3d.inference import Predictor, _patch, _recorded_preprocessing, load_predictor
+    from prunekit3d.inference import Predictor, load_predictor, resolve_patch, resolve_preprocessing
 
     if backend not in RUNTIMES:
         raise ValueError(f"--backend {backend!r}: use one of {['torch', *RUNTIMES]}")
@@ -290,13 +291,13 @@ def onnx_predictor(
     if int8:
         _check_int8_agreement(folder, backend)
     file = folder / (manifest_entry(folder, "int8", INT8_FILE) if int8 else manifest_entry(folder, "float", FLOAT_FILE))
-    pre = _recorded_preprocessing(Preprocessing.from_manifest(manifest), preprocessing, spacing, str(folder), console)
+    pre = resolve_preprocessing(Preprocessing.from_manifest(manifest), preprocessing, spacing, str(folder), console)
     chosen = 0.25 if overlap is None else float(overlap)
     if not 0 <= chosen < 1:
         raise ValueError(f"--overlap {chosen}: give a fraction 0 <= overlap < 1 of the patch")
-    channels = extra.get("in_channels") or _input_shape(file)[1]
+    channels = extra.get("in_channels") or onnx_input_shape(file)[1]
     if not isinstance(channels, int):
         raise ValueError(f"{file} has a dynamic channel axis and {folder / MANIFEST} records no in_channels")
-    return Predictor(RUNTIMES[backend](file, threads), pre, _patch(patch, extra.get("patch_size")), chosen,
+    return Predictor(RUNTIMES[backend](file, threads), pre, resolve_patch(patch, extra.get("patch_size")), chosen,
                      int(channels), str(folder), device=torch.device("cpu"),
                      backend=f"{backend} {'int8' if int8 else 'float'}")

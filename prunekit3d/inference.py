@@ -48,7 +48,8 @@ from prunekit3d.io.files import atomic_file, check_inputs_outside, manifest_form
 from prunekit3d.quantize import QUANTIZED_FORMAT
 from prunekit3d.sources.bundle import is_bundle
 
-__all__ = ["BACKENDS", "DEFAULT_PATCH", "PREDICTIONS_FORMAT", "Predictor", "load_predictor", "predict"]
+__all__ = ["BACKENDS", "DEFAULT_PATCH", "PREDICTIONS_FORMAT", "Predictor", "load_predictor", "predict", "resolve_patch",
+           "resolve_preprocessing"]
 
 #: Marks ``DIR/manifest.json`` of a folder of segmentations written by :func:`predict`.
 PREDICTIONS_FORMAT = "prunekit3d.predictions"
@@ -130,7 +131,8 @@ def _first_conv_channels(model: nn.Module) -> int:
     return int(first_conv(model)[1].in_channels)
 
 
-def _patch(patch: Sequence[int] | None, recorded: Any) -> tuple[int, int, int]:
+def resolve_patch(patch: Sequence[int] | None, recorded: Any) -> tuple[int, int, int]:
+    """The sliding window's patch: ``--patch`` if given, else the recorded one, else :data:`DEFAULT_PATCH`."""
     values = list(patch) if patch is not None else list(recorded) if recorded else list(DEFAULT_PATCH)
     values = values * 3 if len(values) == 1 else values
     if len(values) != 3 or min(int(v) for v in values) < 1:
@@ -138,7 +140,7 @@ def _patch(patch: Sequence[int] | None, recorded: Any) -> tuple[int, int, int]:
     return tuple(int(v) for v in values)  # type: ignore[return-value]
 
 
-def _recorded_preprocessing(
+def resolve_preprocessing(
     recorded: Preprocessing | None, text: str | Preprocessing | None, spacing: Sequence[float] | None, where: str,
     console: Console,
 ) -> Preprocessing:
@@ -217,7 +219,7 @@ def load_predictor(
         raise FileNotFoundError(f"MODEL {root} does not exist; {_MODEL_HINT}")
     else:
         raise ValueError(f"MODEL {root} is not a model folder prunekit3d predicts with; {_MODEL_HINT}")
-    pre = _recorded_preprocessing(recorded, preprocessing, spacing, str(root), console)
+    pre = resolve_preprocessing(recorded, preprocessing, spacing, str(root), console)
     where = resolve_device(device)
     net = net.to(where).eval()
     if where.type == "cpu" and onednn:
@@ -225,7 +227,7 @@ def load_predictor(
     chosen = default_overlap if overlap is None else float(overlap)
     if not 0 <= chosen < 1:
         raise ValueError(f"--overlap {chosen}: give a fraction 0 <= overlap < 1 of the patch")
-    return Predictor(net, pre, _patch(patch, window), chosen, _first_conv_channels(net), str(root))
+    return Predictor(net, pre, resolve_patch(patch, window), chosen, _first_conv_channels(net), str(root))
 
 
 _MODEL_HINT = ("pass a prunekit3d artifact (manifest.json), a prunekit3d quantize output, a MONAI bundle folder "

@@ -46,7 +46,7 @@ from prunekit3d.io.files import atomic_directory, write_json
 from prunekit3d.report import paired_latency
 
 __all__ = ["CALIBRATORS", "FLOAT_FILE", "INT8_FILE", "MANIFEST", "QUANTIZED_FORMAT", "REPORT_FILE", "QuantizeResult",
-           "check_calibration", "measure", "quantize", "quantize_onnx"]
+           "check_calibration", "measure", "onnx_input_shape", "quantize", "quantize_onnx"]
 
 FLOAT_FILE, INT8_FILE, REPORT_FILE, MANIFEST = "model.onnx", "model.int8.onnx", "quantize.json", "manifest.json"
 #: ``out/manifest.json``'s ``format``: marks a folder :func:`quantize` wrote (``overwrite`` may replace it;
@@ -77,7 +77,8 @@ class QuantizeResult:
 
 
 # ---- calibration input ------------------------------------------------------------------------------------
-def _input_shape(onnx_path: Path) -> list[int | str]:
+def onnx_input_shape(onnx_path: Path) -> list[int | str]:
+    """The first input's shape of an ONNX file, a dynamic axis as its name (read without the weights)."""
     import onnx
 
     dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
@@ -174,7 +175,7 @@ def quantize_onnx(
     if calibrator not in CALIBRATORS:
         raise ValueError(f"calibrator {calibrator!r} is not one of {list(CALIBRATORS)}")
     float_onnx, int8_onnx = Path(float_onnx), Path(int8_onnx)
-    shape = _input_shape(float_onnx)
+    shape = onnx_input_shape(float_onnx)
     arrays = check_calibration(calibration, shape)
     excluded = list(keep_float) + (_output_convs(float_onnx) if output_layer_float else []) \
         + (_concat_convs(float_onnx) if after_concat_float else [])
@@ -328,7 +329,7 @@ def quantize(
     """
     model, onnx_source = _source(source)
     batches = list(calibration) if not isinstance(calibration, (torch.Tensor, np.ndarray)) else calibration
-    arrays = check_calibration(batches, _model_input(model) if model is not None else _input_shape(onnx_source))
+    arrays = check_calibration(batches, _model_input(model) if model is not None else onnx_input_shape(onnx_source))
     example = example_input if example_input is not None else torch.from_numpy(arrays[0][:1])
     if runtimes is None:
         runtimes = ("onnxruntime", "openvino") if openvino_available() else ("onnxruntime",)
