@@ -351,6 +351,28 @@ def test_a_fraction_of_the_reported_flops_is_a_budget_that_lands_at_that_fractio
     assert count_flops(one_step_less, x) / reported > r
 
 
+def test_rounds_relative_to_the_start_end_at_the_widths_of_one_cut() -> None:
+    # SegResNet's group norms (8 groups) let a 16-channel layer keep 16 or 8: 0.21 of its own width a round
+    # never cuts it, so rounds of their own widths end elsewhere than one cut (compress's budget rounds had to
+    # halve everything in the last round and landed at 0.14 of the FLOPs asked to keep 0.5).
+    from monai.networks.nets import SegResNet
+
+    torch.manual_seed(0)
+    start = SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=16).eval()
+    x = torch.randn(1, 1, 32, 32, 16)
+    one_cut = copy.deepcopy(start)
+    prune_channels(one_cut, x, ratio=0.5)
+    rounds, compounding = copy.deepcopy(start), copy.deepcopy(start)
+    for r in range(3):
+        prune_channels(rounds, x, ratio=1 - 0.5 ** ((r + 1) / 3), relative_to=start)
+        prune_channels(compounding, x, ratio=1 - 0.5 ** (1 / 3))
+    widths = {n: m.out_channels for n, m in rounds.named_modules() if isinstance(m, nn.Conv3d)}
+    assert widths == {n: m.out_channels for n, m in one_cut.named_modules() if isinstance(m, nn.Conv3d)}
+    assert count_flops(rounds, x) == count_flops(one_cut, x)
+    assert count_flops(compounding, x) != count_flops(one_cut, x)
+    assert rounds(x).shape == (1, 2, 32, 32, 16)
+
+
 # ---- the record ---------------------------------------------------------------------------------------------
 def test_record_round_trips_json_and_rejects_another_model() -> None:
     model, x = _network("monai_unet")

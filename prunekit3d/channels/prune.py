@@ -176,6 +176,7 @@ def _step(
     initial: dict[tuple[nn.Module, bool], int],
     ratio: float,
     global_pruning: bool,
+    start_width: Callable[[nn.Module, bool], int | None],
 ) -> None:
     """Score every group on the current weights and prune each to ``ratio`` of its initial channels."""
     targets = []
@@ -187,7 +188,8 @@ def _step(
         # Taylor scores of a group the loss never reached are 0 / 0 after normalising: they rank first.
         per_block = torch.nan_to_num(scores.detach().float().cpu().view(blocks, -1).mean(0), nan=0.0)
         key = (root, graph.is_out_channel_pruning_fn(fn))
-        initial.setdefault(key, len(per_block))
+        width = start_width(*key)
+        initial.setdefault(key, len(per_block) if width is None else width // blocks)
         targets.append(_Target(root, fn, per_block, blocks, initial[key]))
     for target, positions in _removals(targets, ratio, global_pruning):
         # Indices are relative to the root layer, whose channels no other group touches, so a group is
@@ -247,6 +249,7 @@ def prune_channels(
     importance: Importance = "magnitude",
     global_pruning: bool = False,
     ignored: Sequence[str | nn.Module] | None = None,
+    relative_to: nn.Module | None = None,
 ) -> ChannelPlan:
     """Remove the least important channels of ``model`` in place, keeping every coupled layer consistent.
 
@@ -273,6 +276,11 @@ def prune_channels(
         global_pruning: rank channels across all groups (each capped at ``MAX_RATIO``) instead of
             removing ``ratio`` from every group.
         ignored: modules (or their qualified names) whose output channels stay.
+        relative_to: an earlier state of ``model`` (layers matched by name) whose widths ``ratio`` is a
+            fraction of, instead of the current ones. Rounds that prune a growing fraction of one start end at
+            the widths one cut would give; fractions of each round's own widths compound their rounding (a
+            group-norm layer of 2 channels per group loses nothing to 0.25, then half to 0.5, while its
+            neighbours lose 0.25 and then half of the rest).
 
     Returns:
         the :class:`ChannelPlan` of this round, also appended to ``channel_record(model)`` so that
@@ -308,8 +316,18 @@ def prune_channels(
     ignored_layers = output_layers(graph) + _resolve_ignored(model, ignored)
     initial: dict[tuple[nn.Module, bool], int] = {}
 
+    names = {m: n for n, m in model.named_modules()}
+    earlier = dict(unwrap(relative_to).named_modules()) if relative_to is not None else {}
+
+    def start_width(layer: nn.Module, out: bool) -> int | None:
+        then = earlier.get(names.get(layer, ""))
+        for attr in ("out_channels", "out_features") if out else ("in_channels", "in_features"):
+            if hasattr(then, attr):
+                return int(getattr(then, attr))
+        return None
+
     def step(r: float) -> float:
-        _step(graph, scorer, ignored_layers, initial, r, global_pruning)
+        _step(graph, scorer, ignored_layers, initial, r, global_pruning, start_width)
         return r
 
     taylor = isinstance(getattr(scorer, "base", scorer), tp.importance.GroupTaylorImportance)  # also when wrapped
