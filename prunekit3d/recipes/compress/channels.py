@@ -62,7 +62,10 @@ def channel_pruning(run: CompressRun) -> nn.Module:
     rounds = run.state.setdefault("channel_rounds", [])
     model = load(run.partial / (f"round-{len(rounds) - 1}" if rounds else "blocks")).to(run.device)
     if not rounds:
-        run.state["rounds"] = cfg.channel_rounds if _needs_channels(run, model) else 1
+        needed = _needs_channels(run, model)
+        run.state["rounds"] = cfg.channel_rounds if needed else 1
+        if "allocation" not in run.state:  # chosen once: a resumed run keeps it
+            run.state["allocation"] = _choose_allocation(run, model) if needed else cfg.allocation
         run.save_state()
     total = run.state["rounds"]
     epochs = math.ceil(cfg.finetune_epochs / total)
@@ -118,24 +121,24 @@ def prune_round(run: CompressRun, model: nn.Module, r: int, total: int) -> tuple
     start = load(run.partial / "blocks")
     if cfg.channels is not None:
         plan = prune_channels(model, run.example, ratio=1 - (1 - cfg.channels) ** ((r + 1) / total),
-                              relative_to=start, **_criterion(run, model))
+                              relative_to=start, **_criterion(run, model, _allocation(run)))
     else:
         assert budget is not None
         kind, ratio = budget
         first = run.count(start, kind)
         target = first * (ratio * run.reference(kind) / first) ** ((r + 1) / total)
-        model, plan = _prune_to(run, model, kind, target, start)
+        model, plan = _prune_to(run, model, kind, target, start, _allocation(run))
     info = {"round": r, "ratio": plan.ratio, "params_before": plan.params_before, "params_after": plan.params_after,
             "widths": plan.widths}
     return model.to(run.device), info
 
 
-def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float,
-              start: nn.Module) -> tuple[nn.Module, Any]:
+def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float, start: nn.Module,
+              allocation: str) -> tuple[nn.Module, Any]:
     """``model`` (a copy) with the least channel pruning -- one ratio of ``start``'s widths for every group of
     coupled layers -- that brings its parameters or fvcore FLOPs to ``target``: bisection on the ratio, each
     try on a copy."""
-    criterion = _criterion(run, model)
+    criterion = _criterion(run, model, allocation)
 
     def attempt(r: float) -> tuple[nn.Module, Any, float]:
         trial = copy.deepcopy(model)
@@ -170,6 +173,45 @@ def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float,
     return found
 
 
+#: One ratio for every group must land at least this fraction of the budget, else channels are ranked by cost.
+UNIFORM_LANDING = 0.8
+
+
+def _choose_allocation(run: CompressRun, start: nn.Module) -> str:
+    """The configured allocation; but "cost" where "uniform" cannot come near a params / FLOP budget.
+
+    Group norms and narrow layers make widths coarse (a 16-channel layer with 8 groups keeps 16 or 8): one ratio
+    for every group then jumps past the budget (a SegResNet asked for 0.5 of its FLOPs lands at 0.25, its
+    full-resolution layers halved with all the others). Ranking channels by importance per multiply-add
+    takes them where the budget is paid; the one that lands nearer the budget is used.
+    """
+    cfg = run.cfg
+    if cfg.allocation != "uniform" or cfg.budget is None or cfg.budget[0] == "latency":
+        return cfg.allocation
+    kind, ratio = cfg.budget
+    target = ratio * run.reference(kind)
+    landed = {}
+    for allocation in ("uniform", "cost"):
+        one_cut, _ = _prune_to(run, start.cpu(), kind, target, start, allocation)
+        landed[allocation] = run.count(one_cut, kind) / run.reference(kind)
+        if landed[allocation] >= UNIFORM_LANDING * ratio:
+            break
+    start.to(run.device)
+    run.state["allocation_landing"] = landed
+    if landed.get("cost", 0.0) <= landed["uniform"]:
+        return "uniform"
+    per = "parameter" if kind == "params" else "FLOP"
+    run.state["allocation_reason"] = (
+        f"one pruning ratio for every layer group would keep {landed['uniform']:.2f} of the {kind} (asked "
+        f"{ratio:g}), ranking channels by importance per {per} {landed['cost']:.2f}: the ranking was used "
+        "(--allocation cost)")
+    return "cost"
+
+
+def _allocation(run: CompressRun) -> str:
+    return run.state.get("allocation", run.cfg.allocation)  # a run resumed from before the choice: the setting
+
+
 def _feature_points(run: CompressRun) -> list[str]:
     """Where the student's features follow the teacher's: every encoder level and the 1/2-resolution decoder
     feature (found as FD finds them), if the network lets them be found; else none."""
@@ -180,7 +222,7 @@ def _feature_points(run: CompressRun) -> list[str]:
     return [*found.encoder, found.decoder_half]
 
 
-def _criterion(run: CompressRun, model: nn.Module) -> dict[str, Any]:
+def _criterion(run: CompressRun, model: nn.Module, allocation: str) -> dict[str, Any]:
     """``prune_channels``'s importance and allocation for this run: which channels go, and from which groups.
 
     ``allocation``: "uniform" removes the same fraction of every group; "global" ranks all channels by
@@ -191,9 +233,9 @@ def _criterion(run: CompressRun, model: nn.Module) -> dict[str, Any]:
     base = IMPORTANCES[cfg.importance]()
     if cfg.importance == "taylor":
         _distillation_gradients(run, model)
-    if cfg.allocation == "uniform":
+    if allocation == "uniform":
         return {"importance": base, "global_pruning": False}
-    if cfg.allocation == "global":
+    if allocation == "global":
         return {"importance": base, "global_pruning": True}
     cost = "params" if cfg.budget is not None and cfg.budget[0] == "params" else "flops"
     return {"importance": CostAwareImportance(base, model, run.example, cost=cost), "global_pruning": True}

@@ -132,7 +132,11 @@ def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], 
             for n in run.state.get("replaced", [])
         ),
         "channel_rounds": [r for r in run.state.get("channel_rounds", []) if r],
+        "allocation": run.state.get("allocation", run.cfg.allocation),
     }
+    for key in ("allocation_landing", "allocation_reason"):  # where the allocation was chosen by landing
+        if key in run.state:
+            report["plan"][key] = run.state[key]
     report["before"], report["after"] = before.to_dict(), after.to_dict()
     report["calibration"] = {
         "images": len(run.split.images["distill"]), "held_out": run.split.description, "patch": list(run.patch),
@@ -224,8 +228,11 @@ def markdown_report(report: dict[str, Any], before: ModelReport, after: ModelRep
         "",
         f"Plan: {len(plan['replaced_originals'])} of {len(plan['wrapped_blocks'])} wrapped blocks replaced by their "
         f"light branches, {plan['light_branches_pruned']} light branch(es) of those pruned for good; "
-        + (f"{len(rounds)} round(s) of channel pruning, {rounds[0]['params_before']:,} -> "
-           f"{rounds[-1]['params_after']:,} parameters." if rounds else "no channel pruning."),
+        + (f"{len(rounds)} round(s) of channel pruning ({plan['allocation']} allocation), "
+           f"{rounds[0]['params_before']:,} -> {rounds[-1]['params_after']:,} parameters." if rounds
+           else "no channel pruning.")
+        + (f" {plan['allocation_reason'][0].upper()}{plan['allocation_reason'][1:]}."
+           if "allocation_reason" in plan else ""),
         "",
         "| block | stand-in error | replaced | active branches |",
         "| --- | ---: | :---: | --- |",
