@@ -75,7 +75,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="channel importance (magnitude)")
     recipe.add_argument("--allocation", choices=["uniform", "global", "cost"], default=s,
                         help="which layers lose channels: the same fraction each, one global ranking, or one ranking "
-                             "by importance per unit of the budget's cost (uniform)")
+                             "by importance per unit of the budget's cost (uniform; where it would land below 0.8 "
+                             "of the budget, the nearer of uniform and cost)")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:N (auto)")
     run.add_argument("--seed", type=int, default=s, help="(0)")

@@ -67,7 +67,8 @@ class CompressConfig(JsonRecord):
             distillation loss on the calibration patches).
         allocation: which groups lose channels: "uniform" (the same fraction of each), "global" (one ranking
             of all channels) or "cost" (one ranking by importance per multiply-add, or per parameter for a
-            parameter budget: the budget is taken where it is paid).
+            parameter budget: the budget is taken where it is paid). Where "uniform" would land below 0.8 of a
+            params / FLOP budget (coarse widths: group norms), "cost" is measured too and the nearer one used.
         branches, exp_ratio: light branches per block (7, 4 or 1) and their width.
         max_block_error: an original block is replaced only if its stand-in error is at most this
             (1 = no better than dropping the block). Low by default: on a trained network a replaced block
