@@ -348,8 +348,8 @@ def test_a_flop_budget_that_one_ratio_cannot_reach_is_met_by_ranking_channels_by
     from monai.networks.nets import SegResNet
 
     torch.manual_seed(0)
-    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 16, "blocks_down": [1, 1, 1],
-              "blocks_up": [1, 1]}
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 16, "blocks_down": [1, 1],
+              "blocks_up": [1]}
     path = tmp_path / "segresnet.pt"
     torch.save(SegResNet(**kwargs).state_dict(), path)
     ct = nib.load(str(sample_dataset() / "imagesTr" / "ct_abdomen.nii.gz"))  # a crop: few sliding windows
