@@ -142,7 +142,7 @@ def main() -> None:
         for kind, value in budgets:
             variant = f"{kind}={value:g}" + (" with labels" if args.with_labels else "")
             if (family, variant) not in done:
-                small, seconds, report = _compress(family, baseline, data, kind, value, extra, args, console)
+                small, seconds, report = _compress(family, data, variant, {kind: value, **extra}, args, console)
                 rows.append({"family": family, "variant": variant, "compress_s": seconds, **costs(small, baseline),
                              **held_out.scores(small, baseline, PATCH),
                              "agreement_reported": report.get("agreement_dice")})
@@ -179,8 +179,8 @@ def _baseline(family: str, data: dict[str, Any], args: argparse.Namespace, conso
     return model
 
 
-def _compress(family: str, baseline: nn.Module, data: dict[str, Any], kind: str, value: float,
-              extra: dict[str, Any], args: argparse.Namespace, console: Console) -> tuple[nn.Module, float, dict]:
+def _compress(family: str, data: dict[str, Any], variant: str, settings: dict[str, Any],
+              args: argparse.Namespace, console: Console) -> tuple[nn.Module, float, dict]:
     from prunekit3d.recipes.compress import CompressConfig, compress
 
     spec = args.out / family / "spec.json"
@@ -188,10 +188,9 @@ def _compress(family: str, baseline: nn.Module, data: dict[str, Any], kind: str,
     split = data["split"]
     calib = {"calib": str(split.train.image), "labels": str(split.train.label)} if args.with_labels else {
         "calib": str(data["calib"])}
-    variant = f"{kind}={value:g}" + (" with labels" if args.with_labels else "")
     config = CompressConfig(checkpoint=str((args.baselines or args.out) / family / "baseline.safetensors"),
                             out=str(args.out / family / _folder(variant)), spec=str(spec), preprocessing=PREPROCESSING,
-                            patch=PATCH, device="cpu", overwrite=True, **calib, **{kind: value}, **extra)
+                            patch=PATCH, device="cpu", overwrite=True, **calib, **settings)
     started = time.perf_counter()
     result = compress(config, console=console)
     return result.model.cpu().eval(), time.perf_counter() - started, result.report
