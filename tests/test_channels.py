@@ -21,6 +21,7 @@ from prunekit3d.channels import (
     channel_record,
     count_flops,
     count_params,
+    kernel_widths,
     output_layers,
     prune_channels,
 )
@@ -373,6 +374,41 @@ def test_rounds_relative_to_the_start_end_at_the_widths_of_one_cut() -> None:
     assert rounds(x).shape == (1, 2, 32, 32, 16)
 
 
+def test_kernel_widths_are_multiples_and_power_of_two_fractions_of_round_to() -> None:
+    assert kernel_widths(128, 16) == [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128]
+    assert kernel_widths(30, 16) == [1, 2, 4, 8, 16, 30]  # a layer's own width is always allowed
+    assert kernel_widths(20, 12) == [3, 6, 12, 20] and kernel_widths(5, 1) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_round_to_keeps_every_pruned_width_kernel_friendly_and_replays(global_pruning: bool, tmp_path) -> None:
+    # A CPU runs a 22-channel convolution as slowly as a 32-channel one (channels in blocks of 16 floats).
+    torch.manual_seed(0)
+    model = DynUNet(3, 1, 3, [3, 3, 3, 3], [1, 2, 2, 2], [2, 2, 2], filters=[16, 32, 64, 128], res_block=True)
+    x, fresh = torch.randn(1, 1, 16, 16, 16), copy.deepcopy(model)
+    free = copy.deepcopy(model)
+    plan = prune_channels(model, x, ratio=0.3, round_to=16, global_pruning=global_pruning)
+    widths = {after for before, after in plan.widths.values()}
+    assert widths and all(w in kernel_widths(before, 16) for before, w in plan.widths.values()), plan.widths
+    unrounded = prune_channels(free, x, ratio=0.3, global_pruning=global_pruning)
+    assert any(w % 2 for _, w in unrounded.widths.values())  # without rounding, odd widths
+    assert plan.round_to == 16 and model(x).shape == (1, 3, 16, 16, 16)
+    pk.save(model, tmp_path / "rounded")
+    loaded = pk.load(tmp_path / "rounded", model=fresh)
+    assert _max_diff(loaded, model.eval(), x) <= 1e-6 and ChannelPlan.from_dict(plan.to_dict()).round_to == 16
+
+
+def test_round_to_lands_a_group_norm_network_on_the_nearest_allowed_width() -> None:
+    # SegResNet: 8 groups, so a 32-channel layer may keep 8, 16 or 32 (whole groups, on the ladder of 16):
+    # 0.3 off asks 22.4 of 32 and gets 16, 11.2 of 16 gets 8, 44.8 of 64 gets 48 (5.6 of 8 gets 4).
+    from monai.networks.nets import SegResNet
+
+    model, x = SegResNet(3, 8, 1, 2), torch.randn(1, 1, 16, 16, 16)
+    plan = prune_channels(model, x, ratio=0.3, round_to=16)
+    assert {before: after for before, after in plan.widths.values()} == {8: 4, 16: 8, 32: 16, 64: 48}
+    assert model(x).shape == (1, 2, 16, 16, 16)
+
+
 # ---- the record ---------------------------------------------------------------------------------------------
 def test_record_round_trips_json_and_rejects_another_model() -> None:
     model, x = _network("monai_unet")
@@ -429,6 +465,7 @@ def test_save_load_rebuilds_wrapped_and_reloaded_pruned_models(tmp_path) -> None
         ({"target_flops": -1}, "positive"),
         ({"ratio": 0.5, "importance": "magnitud"}, "did you mean 'magnitude'"),
         ({"ratio": 0.5, "ignored": ["model.9"]}, "does not have"),
+        ({"ratio": 0.5, "round_to": 0}, "round_to"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs: dict, message: str) -> None:

@@ -7,7 +7,7 @@
 """
 
 from prunekit3d.channels.graph import build_graph, output_layers
-from prunekit3d.channels.prune import IMPORTANCES, count_flops, count_params, prune_channels
+from prunekit3d.channels.prune import IMPORTANCES, count_flops, count_params, kernel_widths, prune_channels
 from prunekit3d.channels.record import (
     STAGES,
     ChannelPlan,
@@ -28,6 +28,7 @@ __all__ = [
     "channel_record",
     "count_flops",
     "count_params",
+    "kernel_widths",
     "output_layers",
     "prune_channels",
 ]

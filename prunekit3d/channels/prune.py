@@ -36,7 +36,7 @@ from prunekit3d.redundant import RedundantModule
 from prunekit3d.report import count_flops, count_params
 from prunekit3d.wrap import unwrap
 
-__all__ = ["IMPORTANCES", "MAX_RATIO", "count_flops", "count_params", "prune_channels"]
+__all__ = ["IMPORTANCES", "MAX_RATIO", "count_flops", "count_params", "kernel_widths", "prune_channels"]
 
 Importance = Union[str, Callable[[tp.Group], "torch.Tensor | None"]]
 
@@ -61,13 +61,39 @@ class _Target:
     scores: torch.Tensor  # one per position within a block
     blocks: int  # channel blocks (group norm groups); a position is removed from every block
     initial: int  # positions per block before the round
+    round_to: int = 1
 
     def keep(self, ratio: float) -> int:
-        return max(1, math.ceil(self.initial * (1.0 - ratio) - 1e-9))
+        wanted = self.initial * (1.0 - ratio)
+        return max(1, math.ceil(wanted - 1e-9)) if self.round_to <= 1 else self.snap(wanted)
+
+    def snap(self, positions: float) -> int:
+        """The kernel-friendly count of positions nearest ``positions`` (see :func:`kernel_widths`)."""
+        allowed = [w // self.blocks for w in kernel_widths(self.initial * self.blocks, self.round_to)
+                   if w % self.blocks == 0]
+        return min(allowed, key=lambda p: (abs(p - positions), -p)) if allowed else positions
 
     def indices(self, positions: Sequence[int]) -> list[int]:
         size = len(self.scores)
         return sorted(p + b * size for p in positions for b in range(self.blocks))
+
+
+def kernel_widths(width: int, round_to: int) -> list[int]:
+    """The widths a layer of ``width`` channels may be pruned to: multiples of ``round_to``, the powers-of-two
+    fractions of ``round_to`` below it, and ``width`` itself (ascending).
+
+    A CPU's convolution kernels hold channels in vector-wide blocks (16 floats with AVX-512): a 22-channel layer
+    runs as slowly as a 32-channel one, and odd widths below 16 take other, slower kernels
+    (``benchmarks/conv_width.py``). ``round_to=1`` allows every width.
+    """
+    if round_to <= 1:
+        return list(range(1, width + 1))
+    allowed = {*range(round_to, width + 1, round_to), width}
+    fraction = round_to
+    while fraction % 2 == 0:
+        fraction //= 2
+        allowed.add(fraction)
+    return sorted(w for w in allowed if w <= width)
 
 
 def _scorer(importance: Importance) -> tuple[Callable[[tp.Group], torch.Tensor | None], str]:
@@ -166,7 +192,15 @@ def _removals(targets: list[_Target], ratio: float, global_pruning: bool) -> lis
         if len(chosen.get(i, [])) < room[i]:
             chosen.setdefault(i, []).append(p)
             total -= 1
-    return [(targets[i], positions) for i, positions in chosen.items()]
+    out = []
+    for i, t in enumerate(targets):
+        positions = chosen.get(i, [])
+        kept = t.snap(len(t.scores) - len(positions))  # the nearest kernel-friendly width: a few more or fewer
+        if kept != len(t.scores) - len(positions):
+            positions = torch.argsort(t.scores)[: max(0, len(t.scores) - kept)].tolist()
+        if positions:
+            out.append((t, positions))
+    return out
 
 
 def _step(
@@ -177,6 +211,7 @@ def _step(
     ratio: float,
     global_pruning: bool,
     start_width: Callable[[nn.Module, bool], int | None],
+    round_to: int,
 ) -> None:
     """Score every group on the current weights and prune each to ``ratio`` of its initial channels."""
     targets = []
@@ -190,7 +225,7 @@ def _step(
         key = (root, graph.is_out_channel_pruning_fn(fn))
         width = start_width(*key)
         initial.setdefault(key, len(per_block) if width is None else width // blocks)
-        targets.append(_Target(root, fn, per_block, blocks, initial[key]))
+        targets.append(_Target(root, fn, per_block, blocks, initial[key], round_to))
     for target, positions in _removals(targets, ratio, global_pruning):
         # Indices are relative to the root layer, whose channels no other group touches, so a group is
         # built right before it is pruned: concatenation offsets then reflect the groups pruned so far.
@@ -250,6 +285,7 @@ def prune_channels(
     global_pruning: bool = False,
     ignored: Sequence[str | nn.Module] | None = None,
     relative_to: nn.Module | None = None,
+    round_to: int = 1,
 ) -> ChannelPlan:
     """Remove the least important channels of ``model`` in place, keeping every coupled layer consistent.
 
@@ -281,6 +317,9 @@ def prune_channels(
             the widths one cut would give; fractions of each round's own widths compound their rounding (a
             group-norm layer of 2 channels per group loses nothing to 0.25, then half to 0.5, while its
             neighbours lose 0.25 and then half of the rest).
+        round_to: every pruned layer keeps a width the kernels run fast (:func:`kernel_widths`): a multiple of
+            ``round_to`` or a power-of-two fraction of it, the one nearest what the ratio or ranking asked (16
+            for AVX-512 CPUs; 1 = any width). A layer's own width is always allowed.
 
     Returns:
         the :class:`ChannelPlan` of this round, also appended to ``channel_record(model)`` so that
@@ -302,6 +341,8 @@ def prune_channels(
     given = {"ratio": ratio, "target_params": target_params, "target_flops": target_flops}
     if sum(v is not None for v in given.values()) != 1:
         raise ValueError(f"give exactly one of ratio, target_params, target_flops; got {given}")
+    if int(round_to) != round_to or round_to < 1:
+        raise ValueError(f"round_to must be a whole number of channels >= 1 (1 = any width), got {round_to}")
     if ratio is not None and not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be between 0 and 1 (the fraction of channels removed), got {ratio}")
     for name in ("target_params", "target_flops"):
@@ -327,7 +368,7 @@ def prune_channels(
         return None
 
     def step(r: float) -> float:
-        _step(graph, scorer, ignored_layers, initial, r, global_pruning, start_width)
+        _step(graph, scorer, ignored_layers, initial, r, global_pruning, start_width, int(round_to))
         return r
 
     taylor = isinstance(getattr(scorer, "base", scorer), tp.importance.GroupTaylorImportance)  # also when wrapped
@@ -347,6 +388,7 @@ def prune_channels(
         params_after=count_params(model),
         widths={n: [w, widths_after[n]] for n, w in widths_before.items() if widths_after.get(n, w) != w},
         history=[[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in graph.pruning_history()],
+        round_to=int(round_to),
     )
     add_round(model, plan)
     return plan

@@ -54,6 +54,7 @@ class ChannelPlan:
         widths: ``[before, after]`` output channels of every layer that lost channels.
         history: torch-pruning's pruning history: ``[root layer name, output channels?, removed indices]``
             per pruned group, in order.
+        round_to: the kept widths were multiples of this or power-of-two fractions of it (1: any width).
     """
 
     stage: str
@@ -65,6 +66,7 @@ class ChannelPlan:
     params_after: int
     widths: dict[str, list[int]] = field(default_factory=dict)
     history: list[list[Any]] = field(default_factory=list)
+    round_to: int = 1
 
     def reduction(self) -> float:
         """Fraction of the parameters this round removed."""

@@ -77,6 +77,9 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which layers lose channels: the same fraction each, one global ranking, or one ranking "
                              "by importance per unit of the budget's cost (uniform; where it would land below 0.8 "
                              "of the budget, the nearer of uniform and cost)")
+    recipe.add_argument("--round-to", type=int, default=s, metavar="N",
+                        help="pruned layers keep multiples of N channels, or N/2, N/4, ... below N: the widths "
+                             "CPU and GPU kernels run fast (16; 1: any width)")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:N (auto)")
     run.add_argument("--seed", type=int, default=s, help="(0)")

@@ -41,7 +41,7 @@ def check_reachable(run: CompressRun) -> None:
     floor = copy.deepcopy(run.teacher).cpu().requires_grad_(True)  # torch-pruning leaves frozen layers alone
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prune_channels(floor, run.example, ratio=MAX_RATIO)
+        prune_channels(floor, run.example, ratio=MAX_RATIO, round_to=run.cfg.round_to)
     reached = run.count(floor, kind) / run.reference(kind)
     if reached > ratio:
         raise ValueError(
@@ -234,11 +234,12 @@ def _criterion(run: CompressRun, model: nn.Module, allocation: str) -> dict[str,
     if cfg.importance == "taylor":
         _distillation_gradients(run, model)
     if allocation == "uniform":
-        return {"importance": base, "global_pruning": False}
+        return {"importance": base, "global_pruning": False, "round_to": cfg.round_to}
     if allocation == "global":
-        return {"importance": base, "global_pruning": True}
+        return {"importance": base, "global_pruning": True, "round_to": cfg.round_to}
     cost = "params" if cfg.budget is not None and cfg.budget[0] == "params" else "flops"
-    return {"importance": CostAwareImportance(base, model, run.example, cost=cost), "global_pruning": True}
+    return {"importance": CostAwareImportance(base, model, run.example, cost=cost), "global_pruning": True,
+            "round_to": cfg.round_to}
 
 
 def _distillation_gradients(run: CompressRun, model: nn.Module) -> None:

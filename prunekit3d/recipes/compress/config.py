@@ -69,6 +69,10 @@ class CompressConfig(JsonRecord):
             of all channels) or "cost" (one ranking by importance per multiply-add, or per parameter for a
             parameter budget: the budget is taken where it is paid). Where "uniform" would land below 0.8 of a
             params / FLOP budget (coarse widths: group norms), "cost" is measured too and the nearer one used.
+        round_to: pruned layers keep multiples of this many channels, or power-of-two fractions of it below
+            (:func:`~prunekit3d.channels.prune.kernel_widths`). 16 by default: CPU kernels hold channels in blocks
+            of 16 floats (AVX-512), so a 22-channel layer runs as slowly as a 32-channel one, and GPUs' tensor
+            cores like multiples of 8. 1: any width.
         branches, exp_ratio: light branches per block (7, 4 or 1) and their width.
         max_block_error: an original block is replaced only if its stand-in error is at most this
             (1 = no better than dropping the block). Low by default: on a trained network a replaced block
@@ -112,6 +116,7 @@ class CompressConfig(JsonRecord):
     feature_weight: float = 1.0
     importance: str = "magnitude"
     allocation: str = "uniform"
+    round_to: int = 16
     branches: int = 4
     exp_ratio: float = 0.5
     max_block_error: float = 0.02
@@ -154,6 +159,7 @@ class CompressConfig(JsonRecord):
             "feature_weight >= 0": self.feature_weight >= 0,
             "importance in ['magnitude', 'taylor']": self.importance in ("magnitude", "taylor"),
             "allocation in ['uniform', 'global', 'cost']": self.allocation in ("uniform", "global", "cost"),
+            "round_to >= 1 (1: any width)": self.round_to >= 1,
             "max_block_error >= 0": self.max_block_error >= 0,
             "patience >= 1, step >= 1, tolerance >= 0": self.patience >= 1 and self.step >= 1 and self.tolerance >= 0,
         }

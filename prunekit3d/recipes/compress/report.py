@@ -133,6 +133,7 @@ def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], 
         ),
         "channel_rounds": [r for r in run.state.get("channel_rounds", []) if r],
         "allocation": run.state.get("allocation", run.cfg.allocation),
+        "round_to": run.cfg.round_to,
     }
     for key in ("allocation_landing", "allocation_reason"):  # where the allocation was chosen by landing
         if key in run.state:
@@ -228,7 +229,9 @@ def markdown_report(report: dict[str, Any], before: ModelReport, after: ModelRep
         "",
         f"Plan: {len(plan['replaced_originals'])} of {len(plan['wrapped_blocks'])} wrapped blocks replaced by their "
         f"light branches, {plan['light_branches_pruned']} light branch(es) of those pruned for good; "
-        + (f"{len(rounds)} round(s) of channel pruning ({plan['allocation']} allocation), "
+        + (f"{len(rounds)} round(s) of channel pruning ({plan['allocation']} allocation"
+           + (f", widths of multiples of {plan['round_to']} or powers of two below" if plan["round_to"] > 1 else "")
+           + "), "
            f"{rounds[0]['params_before']:,} -> {rounds[-1]['params_after']:,} parameters." if rounds
            else "no channel pruning.")
         + (f" {plan['allocation_reason'][0].upper()}{plan['allocation_reason'][1:]}."
