@@ -226,8 +226,9 @@ def _criterion(run: CompressRun, model: nn.Module, allocation: str) -> dict[str,
     """``prune_channels``'s importance and allocation for this run: which channels go, and from which groups.
 
     ``allocation``: "uniform" removes the same fraction of every group; "global" ranks all channels by
-    importance; "cost" ranks them by importance per multiply-add (per parameter for a parameter budget), so the
-    budget is taken where it is paid (:class:`~prunekit3d.channels.importance.CostAwareImportance`).
+    importance; "cost" ranks them by importance per multiply-add (per parameter for a parameter budget, per
+    activation value for a latency budget), so the budget is taken where it is paid
+    (:class:`~prunekit3d.channels.importance.CostAwareImportance`).
     """
     cfg = run.cfg
     base = IMPORTANCES[cfg.importance]()
@@ -237,7 +238,8 @@ def _criterion(run: CompressRun, model: nn.Module, allocation: str) -> dict[str,
         return {"importance": base, "global_pruning": False, "round_to": cfg.round_to}
     if allocation == "global":
         return {"importance": base, "global_pruning": True, "round_to": cfg.round_to}
-    cost = "params" if cfg.budget is not None and cfg.budget[0] == "params" else "flops"
+    kind = cfg.budget[0] if cfg.budget is not None else "flops"
+    cost = {"params": "params", "flops": "flops", "latency": "activations"}[kind]
     return {"importance": CostAwareImportance(base, model, run.example, cost=cost), "global_pruning": True,
             "round_to": cfg.round_to}
 

@@ -66,8 +66,8 @@ class CompressConfig(JsonRecord):
         importance: channel importance, "magnitude" (group L2 norm) or "taylor" (|weight x gradient| of the
             distillation loss on the calibration patches).
         allocation: which groups lose channels: "uniform" (the same fraction of each), "global" (one ranking
-            of all channels) or "cost" (one ranking by importance per multiply-add, or per parameter for a
-            parameter budget: the budget is taken where it is paid). Where "uniform" would land below 0.8 of a
+            of all channels) or "cost" (one ranking by importance per multiply-add, per parameter for a
+            parameter budget, per activation value for a latency budget: the budget is taken where it is paid). Where "uniform" would land below 0.8 of a
             params / FLOP budget (coarse widths: group norms), "cost" is measured too and the nearer one used.
         round_to: pruned layers keep multiples of this many channels, or power-of-two fractions of it below
             (:func:`~prunekit3d.channels.prune.kernel_widths`). 16 by default: CPU kernels hold channels in blocks
