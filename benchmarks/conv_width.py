@@ -7,12 +7,17 @@ activation's work is per activation). This times, on the oneDNN path ``prunekit3
 widths a pruned full-resolution stage has, each timed in alternation with the unpruned width
 (:func:`prunekit3d.report.paired_latency`), and prints latency ratio beside FLOP and activation ratios.
 
+A second table times the demo's whole DynUNet (16-128 filters) with the stage widths channel pruning leaves,
+paired with the unpruned one: uniform cuts at any width, even widths, and the widths of ``round_to=16``
+(multiples of 16 and 8, 4 below), which CPU kernels hold in blocks of 16 floats.
+
     python benchmarks/conv_width.py [--width 16] [--size 64 64 16] [--threads 2] [--out conv_width.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 from rich.console import Console
@@ -40,6 +45,42 @@ class OwnInput(nn.Module):
 
     def forward(self, _: torch.Tensor) -> torch.Tensor:
         return self.net(self.x)
+
+
+#: Stage widths of the demo DynUNet (16, 32, 64, 128) as pruning leaves them.
+PATTERNS = [
+    (11, 22, 44, 88),  # --target-flops 0.5, one ratio, any width
+    (12, 22, 44, 88),  # the same, even at full resolution
+    (12, 24, 48, 96),  # the same, multiples of 4
+    (8, 32, 48, 96),  # round_to=16: half the full-resolution channels
+    (8, 16, 48, 96),
+    (8, 16, 32, 64),  # one ratio, halved (--target-flops 0.3 lands here)
+    (4, 32, 64, 128),  # only the full-resolution stage cut
+]
+
+
+def network_rows(size: list[int], repeats: int, table: Table) -> list[dict]:
+    """The demo DynUNet at each of :data:`PATTERNS`, each timed in alternation with the unpruned one."""
+    from prunekit3d.recipes.demo import BASELINE_SPEC
+    from prunekit3d.report import count_flops
+
+    def network(filters: tuple[int, ...]) -> nn.Module:
+        return pk.from_spec({**BASELINE_SPEC, "kwargs": {**BASELINE_SPEC["kwargs"], "filters": list(filters)}}).eval()
+
+    x = torch.randn(1, 1, *size)
+    full = network((16, 32, 64, 128))
+    full_flops = count_flops(full, x)
+    rows = []
+    for filters in PATTERNS:
+        narrow = network(filters)
+        pair = [pk.use_onednn(narrow), pk.use_onednn(copy.deepcopy(full))]
+        narrow_ms, full_ms = paired_latency(pair, x.shape, warmup=2, repeats=repeats)
+        flops, ratio = count_flops(narrow, x) / full_flops, narrow_ms / full_ms
+        rows.append({"filters": list(filters), "flops_ratio": flops, "latency_ms": narrow_ms,
+                     "latency_ms_reference": full_ms, "latency_ratio": ratio})
+        table.add_row("-".join(map(str, filters)), f"x{flops:.2f}", f"{narrow_ms:.1f}", f"x{ratio:.2f}",
+                      f"{ratio / flops:.2f}")
+    return rows
 
 
 def main() -> None:
@@ -71,8 +112,14 @@ def main() -> None:
             table.add_row(name, str(width), f"x{flops:.2f}", f"x{acts:.2f}", f"{narrow_ms:.2f}", f"x{ratio:.2f}",
                           f"{ratio / flops:.2f}")
     console.print(table)
+    nets = Table(title=f"the demo DynUNet at pruned stage widths, oneDNN path, {args.threads} threads, "
+                       f"{'x'.join(map(str, args.size))}, each timed in alternation with 16-32-64-128")
+    for col in ("filters", "FLOPs", "latency ms", "latency", "latency / FLOPs"):
+        nets.add_column(col, justify="left" if col == "filters" else "right")
+    network = network_rows(args.size, args.repeats, nets)
+    console.print(nets)
     write_json(args.out, {"threads": args.threads, "size": args.size, "width": args.width,
-                          "torch": torch.__version__, "rows": rows})
+                          "torch": torch.__version__, "rows": rows, "networks": network})
     console.print(f"wrote {args.out}")
 
 

@@ -121,13 +121,13 @@ def prune_round(run: CompressRun, model: nn.Module, r: int, total: int) -> tuple
     start = load(run.partial / "blocks")
     if cfg.channels is not None:
         plan = prune_channels(model, run.example, ratio=1 - (1 - cfg.channels) ** ((r + 1) / total),
-                              relative_to=start, **_criterion(run, model, _allocation(run)))
+                              relative_to=start, **_criterion(run, model, run.allocation))
     else:
         assert budget is not None
         kind, ratio = budget
         first = run.count(start, kind)
         target = first * (ratio * run.reference(kind) / first) ** ((r + 1) / total)
-        model, plan = _prune_to(run, model, kind, target, start, _allocation(run))
+        model, plan = _prune_to(run, model, kind, target, start, run.allocation)
     info = {"round": r, "ratio": plan.ratio, "params_before": plan.params_before, "params_after": plan.params_after,
             "widths": plan.widths}
     return model.to(run.device), info
@@ -206,10 +206,6 @@ def _choose_allocation(run: CompressRun, start: nn.Module) -> str:
         f"{ratio:g}), ranking channels by importance per {per} {landed['cost']:.2f}: the ranking was used "
         "(--allocation cost)")
     return "cost"
-
-
-def _allocation(run: CompressRun) -> str:
-    return run.state.get("allocation", run.cfg.allocation)  # a run resumed from before the choice: the setting
 
 
 def _feature_points(run: CompressRun) -> list[str]:

@@ -132,7 +132,7 @@ def measure_result(run: CompressRun, model: nn.Module) -> tuple[dict[str, Any], 
             for n in run.state.get("replaced", [])
         ),
         "channel_rounds": [r for r in run.state.get("channel_rounds", []) if r],
-        "allocation": run.state.get("allocation", run.cfg.allocation),
+        "allocation": run.allocation,
         "round_to": run.cfg.round_to,
     }
     for key in ("allocation_landing", "allocation_reason"):  # where the allocation was chosen by landing

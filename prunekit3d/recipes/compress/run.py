@@ -366,6 +366,12 @@ class CompressRun:
         with torch.no_grad():
             model(self.example.to(ref.device))
 
+    @property
+    def allocation(self) -> str:
+        """The channel allocation in use: chosen once by the channel phase (``state``), else the setting (a run
+        resumed from before the choice, or one that pruned no channels)."""
+        return self.state.get("allocation", self.cfg.allocation)
+
     def count(self, model: nn.Module, kind: str) -> float:
         """Parameters, multiply-adds on one patch, or latency relative to the original's, of ``model``."""
         if kind == "latency":
