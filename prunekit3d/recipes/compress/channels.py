@@ -255,8 +255,12 @@ def _distillation_gradients(run: CompressRun, model: nn.Module) -> None:
 
 
 def _check_budget_met(run: CompressRun, model: nn.Module) -> None:
+    """A params / FLOP count is exact: above the budget, the run failed. A latency is a timing: the last round
+    pruned until one measured within the budget, and the report's own timing says where it ended (a warning if
+    above: one more timing on a shared machine can land a few percent higher, and distillation is not thrown away
+    for that)."""
     budget = run.cfg.budget
-    if budget is None:
+    if budget is None or budget[0] == "latency":
         return
     kind, ratio = budget
     reached = run.count(model, kind) / run.reference(kind)

@@ -167,6 +167,10 @@ def warnings_for(run: CompressRun, report: dict[str, Any]) -> list[str]:
                    f"is below --min-agreement {run.cfg.min_agreement:g}: the compressed network does not compute "
                    "what the original does; raise the budget or the distillation epochs")
     budget = report["budget"]
+    if budget is not None and budget["kind"] == "latency" and not budget["met"]:
+        out.append(f"the final timing gives {budget['reached']:.3f} of the original's latency, above --target-latency "
+                   f"{budget['asked']:g}, which pruning met when it timed the network: timings on a busy "
+                   "machine vary by several percent; re-time with prunekit3d report, or ask a lower budget")
     if budget is not None and budget["kind"] == "params":
         flops = report["flops_after"] / report["flops_before"]
         latency = report["latency_ms_after"] / report["latency_ms_before"]
