@@ -363,7 +363,7 @@ def test_a_flop_budget_that_one_ratio_cannot_reach_is_met_by_ranking_channels_by
     assert plan["allocation"] == "cost" and "--allocation cost" in plan["allocation_reason"]
     assert plan["allocation_landing"]["uniform"] < 0.4 and plan["allocation_landing"]["uniform"] < reached <= 0.5
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "(cost allocation, widths of multiples of 16" in text and "One pruning ratio for every layer group would keep" in text
+    assert "(cost allocation)" in text and "One pruning ratio for every layer group would keep" in text
 
 
 def test_a_latency_budget_is_met_on_the_deployment_path(tmp_path) -> None:

@@ -79,7 +79,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                              "of the budget, the nearer of uniform and cost)")
     recipe.add_argument("--round-to", type=int, default=s, metavar="N",
                         help="pruned layers keep multiples of N channels, or N/2, N/4, ... below N: the widths "
-                             "CPU and GPU kernels run fast (16; 1: any width)")
+                             "CPU kernels run fast (16 on AVX-512: faster under a FLOP budget, coarser, less "
+                             "accurate; 1: any width, the default)")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:N (auto)")
     run.add_argument("--seed", type=int, default=s, help="(0)")

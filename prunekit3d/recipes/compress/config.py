@@ -70,9 +70,11 @@ class CompressConfig(JsonRecord):
             parameter budget, per activation value for a latency budget: the budget is taken where it is paid). Where "uniform" would land below 0.8 of a
             params / FLOP budget (coarse widths: group norms), "cost" is measured too and the nearer one used.
         round_to: pruned layers keep multiples of this many channels, or power-of-two fractions of it below
-            (:func:`~prunekit3d.channels.prune.kernel_widths`). 16 by default: CPU kernels hold channels in blocks
-            of 16 floats (AVX-512), so a 22-channel layer runs as slowly as a 32-channel one, and GPUs' tensor
-            cores like multiples of 8. 1: any width.
+            (:func:`~prunekit3d.channels.prune.kernel_widths`); 1 (default): any width. CPU kernels hold channels
+            in blocks of 16 floats (AVX-512): a 22-channel layer runs as slowly as a 32-channel one, so 16 makes
+            a FLOP budget faster (held-out benchmark at --target-flops 0.5: oneDNN latency x0.63-0.77 instead of
+            x0.83-0.85), but the coarse widths move more of the network (held-out Dice 1-9 points lower). Under
+            --target-latency the search lands on those widths by itself.
         branches, exp_ratio: light branches per block (7, 4 or 1) and their width.
         max_block_error: an original block is replaced only if its stand-in error is at most this
             (1 = no better than dropping the block). Low by default: on a trained network a replaced block
@@ -116,7 +118,7 @@ class CompressConfig(JsonRecord):
     feature_weight: float = 1.0
     importance: str = "magnitude"
     allocation: str = "uniform"
-    round_to: int = 16
+    round_to: int = 1
     branches: int = 4
     exp_ratio: float = 0.5
     max_block_error: float = 0.02
