@@ -59,6 +59,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--blockwise-epochs", type=int, default=s, help="block-wise distillation epochs (4)")
     sched.add_argument("--finetune-epochs", type=int, default=s,
                        help="final distillation epochs, shared by the channel rounds (48)")
+    sched.add_argument("--channel-rounds", type=int, default=s, metavar="R",
+                       help="channel pruning spread over R rounds, each followed by distillation (3)")
     sched.add_argument("--iters-per-epoch", type=int, default=s, help="(10)")
     sched.add_argument("--lr", type=float, default=s, help="Adam learning rate, constant (1e-3)")
     sched.add_argument("--max-block-error", type=float, default=s,
