@@ -195,9 +195,9 @@ def _removals(targets: list[_Target], ratio: float, global_pruning: bool) -> lis
     out = []
     for i, t in enumerate(targets):
         positions = chosen.get(i, [])
-        kept = t.snap(len(t.scores) - len(positions))  # the nearest kernel-friendly width: a few more or fewer
-        if kept != len(t.scores) - len(positions):
-            positions = torch.argsort(t.scores)[: max(0, len(t.scores) - kept)].tolist()
+        kept = len(t.scores) - len(positions)
+        if t.round_to > 1 and t.snap(kept) != kept:  # the nearest kernel-friendly width: a few more or fewer
+            positions = torch.argsort(t.scores)[: max(0, len(t.scores) - t.snap(kept))].tolist()
         if positions:
             out.append((t, positions))
     return out
