@@ -70,9 +70,11 @@ def _activations(net: nn.Module, layers: dict[str, nn.Module], example_input: to
     """Values per output / input channel of every layer, seen in one forward (a layer that forward skips: 0)."""
     seen: dict[nn.Module, tuple[float, float]] = {}
 
+    def per_channel(t: torch.Tensor, channels: int) -> float:
+        return t.numel() / t.shape[0] / max(1, channels)  # per sample
+
     def record(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        per = lambda t, c: t.numel() / t.shape[0] / max(1, c)  # noqa: E731  (per sample, per channel)
-        seen[layer] = (per(output, _width(layer, out=True)), per(inputs[0], _width(layer, out=False)))
+        seen[layer] = (per_channel(output, _width(layer, out=True)), per_channel(inputs[0], _width(layer, out=False)))
 
     hooks = [m.register_forward_hook(record) for m in layers.values()]
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
