@@ -424,6 +424,21 @@ def test_a_channel_costs_what_its_layer_writes_and_reads_for_latency() -> None:
         layer_costs(net, x, "latency")
 
 
+def test_a_cost_ranking_built_on_one_model_refuses_to_prune_a_copy() -> None:
+    # A copy has other modules: every group would cost 1 and the ranking silently become a plain global one
+    # (compress pruned copies with the original's ranking that way, before the fix).
+    import torch_pruning as tp
+
+    from prunekit3d.channels.importance import CostAwareImportance
+
+    model, x = _network("dynunet")
+    scorer = CostAwareImportance(tp.importance.GroupMagnitudeImportance(), model, x)
+    with pytest.raises(ValueError, match="build it on the network being pruned"):
+        prune_channels(copy.deepcopy(model), x, ratio=0.3, importance=scorer, global_pruning=True)
+    plan = prune_channels(model, x, ratio=0.3, importance=scorer, global_pruning=True)
+    assert plan.reduction() > 0
+
+
 # ---- the record ---------------------------------------------------------------------------------------------
 def test_record_round_trips_json_and_rejects_another_model() -> None:
     model, x = _network("monai_unet")

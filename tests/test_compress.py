@@ -334,7 +334,6 @@ def test_compressing_a_trained_network_keeps_agreement_on_a_held_out_volume(tmp_
 
     fit_weights(original, read_state_dict(BASELINE), BASELINE, "the demo baseline")
     scores = held_out.scores(small, original, PATCH)
-    print(f"held-out agreement {scores['agreement']:.3f}, Dice {scores['dice']:.3f}")
     assert scores["agreement"] >= AGREEMENT, scores
     assert scores["dice"] >= held_out.scores(original, None, PATCH)["dice"] - 0.1
     # --min-agreement 0.999 is not reached: the report, its markdown and the console say so

@@ -105,11 +105,15 @@ class CostAwareImportance:
 
     def group_cost(self, group: tp.Group) -> float:
         """What removing one channel of ``group`` saves (at least 1, so that free groups rank by importance)."""
-        total = 0.0
+        total, known = 0.0, False
         for dep, _ in group:
             layer, fn = dep.layer, dep.pruning_fn
+            known = known or layer in self.costs
             if layer in self.costs and (fn in _OUT or fn in _IN):
                 total += self.costs[layer][0 if fn in _OUT else 1]
+        if not known:  # a copy of the model has other modules: every group would cost 1, a plain global ranking
+            raise ValueError("CostAwareImportance scores a group of layers it has no cost for: build it on the "
+                             "network being pruned (not on a model it was copied from)")
         return max(total, 1.0)
 
     def __call__(self, group: tp.Group) -> torch.Tensor | None:

@@ -196,8 +196,9 @@ def _removals(targets: list[_Target], ratio: float, global_pruning: bool) -> lis
     for i, t in enumerate(targets):
         positions = chosen.get(i, [])
         kept = len(t.scores) - len(positions)
-        if t.round_to > 1 and t.snap(kept) != kept:  # the nearest kernel-friendly width: a few more or fewer
-            positions = torch.argsort(t.scores)[: max(0, len(t.scores) - t.snap(kept))].tolist()
+        snapped = t.snap(kept) if t.round_to > 1 else kept  # the nearest kernel-friendly width: a few more or fewer
+        if snapped != kept:
+            positions = torch.argsort(t.scores)[: max(0, len(t.scores) - snapped)].tolist()
         if positions:
             out.append((t, positions))
     return out

@@ -120,6 +120,8 @@ def prune_round(run: CompressRun, model: nn.Module, r: int, total: int) -> tuple
     model = model.cpu()
     start = load(run.partial / "blocks")
     if cfg.channels is not None:
+        if cfg.importance == "taylor":
+            _distillation_gradients(run, model)
         plan = prune_channels(model, run.example, ratio=1 - (1 - cfg.channels) ** ((r + 1) / total),
                               relative_to=start, **_criterion(run, model, run.allocation))
     else:
@@ -138,13 +140,15 @@ def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float, star
     """``model`` (a copy) with the least channel pruning -- one ratio of ``start``'s widths for every group of
     coupled layers -- that brings its parameters or fvcore FLOPs to ``target``: bisection on the ratio, each
     try on a copy."""
-    criterion = _criterion(run, model, allocation)
+    if run.cfg.importance == "taylor":
+        _distillation_gradients(run, model)
 
     def attempt(r: float) -> tuple[nn.Module, Any, float]:
         trial = copy.deepcopy(model)
         for mine, theirs in zip(trial.parameters(), model.parameters()):  # deepcopy drops the gradients Taylor reads
             mine.grad = None if theirs.grad is None else theirs.grad.clone()
-        plan = prune_channels(trial, run.example, ratio=r, relative_to=start, **criterion)
+        # the criterion of the copy itself: a cost ranking reads its costs off the modules it prunes
+        plan = prune_channels(trial, run.example, ratio=r, relative_to=start, **_criterion(run, trial, allocation))
         return trial, plan, run.count(trial, kind)
 
     first = run.count(start, kind)
@@ -224,16 +228,13 @@ def _criterion(run: CompressRun, model: nn.Module, allocation: str) -> dict[str,
     ``allocation``: "uniform" removes the same fraction of every group; "global" ranks all channels by
     importance; "cost" ranks them by importance per multiply-add (per parameter for a parameter budget, per
     activation value for a latency budget), so the budget is taken where it is paid
-    (:class:`~prunekit3d.channels.importance.CostAwareImportance`).
+    (:class:`~prunekit3d.channels.importance.CostAwareImportance`, built on ``model``, the network to be pruned).
+    Taylor importance reads gradients: :func:`_distillation_gradients` first.
     """
     cfg = run.cfg
     base = IMPORTANCES[cfg.importance]()
-    if cfg.importance == "taylor":
-        _distillation_gradients(run, model)
-    if allocation == "uniform":
-        return {"importance": base, "global_pruning": False, "round_to": cfg.round_to}
-    if allocation == "global":
-        return {"importance": base, "global_pruning": True, "round_to": cfg.round_to}
+    if allocation != "cost":
+        return {"importance": base, "global_pruning": allocation == "global", "round_to": cfg.round_to}
     kind = cfg.budget[0] if cfg.budget is not None else "flops"
     cost = {"params": "params", "flops": "flops", "latency": "activations"}[kind]
     return {"importance": CostAwareImportance(base, model, run.example, cost=cost), "global_pruning": True,

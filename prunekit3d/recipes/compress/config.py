@@ -67,8 +67,9 @@ class CompressConfig(JsonRecord):
             distillation loss on the calibration patches).
         allocation: which groups lose channels: "uniform" (the same fraction of each), "global" (one ranking
             of all channels) or "cost" (one ranking by importance per multiply-add, per parameter for a
-            parameter budget, per activation value for a latency budget: the budget is taken where it is paid). Where "uniform" would land below 0.8 of a
-            params / FLOP budget (coarse widths: group norms), "cost" is measured too and the nearer one used.
+            parameter budget, per activation value for a latency budget: the budget is taken where it is
+            paid). Where "uniform" would land below 0.8 of a params / FLOP budget (coarse widths: group norms),
+            "cost" is measured too and the nearer one used.
         round_to: pruned layers keep multiples of this many channels, or power-of-two fractions of it below
             (:func:`~prunekit3d.channels.prune.kernel_widths`); 1 (default): any width. CPU kernels hold channels
             in blocks of 16 floats (AVX-512): a 22-channel layer runs as slowly as a 32-channel one, so 16 makes
