@@ -9,7 +9,9 @@ widths a pruned full-resolution stage has, each timed in alternation with the un
 
 A second table times the demo's whole DynUNet (16-128 filters) with the stage widths channel pruning leaves,
 paired with the unpruned one: uniform cuts at any width, even widths, and the widths of ``round_to=16``
-(multiples of 16 and 8, 4 below), which CPU kernels hold in blocks of 16 floats.
+(multiples of 16 and 8, 4 below), which CPU kernels hold in blocks of 16 floats. Its last column times the same
+pruned network with channels-last (NDHWC) weights and activations, where oneDNN needs no reorder between layers,
+against the usual layout.
 
     python benchmarks/conv_width.py [--width 16] [--size 64 64 16] [--threads 2] [--out conv_width.json]
 """
@@ -33,6 +35,17 @@ def unit(channels: int, with_norm: bool) -> nn.Module:
     conv = nn.Conv3d(channels, channels, 3, padding=1)
     layers = [conv, nn.InstanceNorm3d(channels, affine=True), nn.LeakyReLU(0.01)] if with_norm else [conv]
     return pk.use_onednn(nn.Sequential(*layers).eval())
+
+
+class ChannelsLast(nn.Module):
+    """``net`` with its weights and its input in the channels-last (NDHWC) memory layout."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last_3d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last_3d))
 
 
 class OwnInput(nn.Module):
@@ -73,13 +86,14 @@ def network_rows(size: list[int], repeats: int, table: Table) -> list[dict]:
     rows = []
     for filters in PATTERNS:
         narrow = network(filters)
-        pair = [pk.use_onednn(narrow), pk.use_onednn(copy.deepcopy(full))]
-        narrow_ms, full_ms = paired_latency(pair, x.shape, warmup=2, repeats=repeats)
-        flops, ratio = count_flops(narrow, x) / full_flops, narrow_ms / full_ms
+        flops = count_flops(narrow, x) / full_flops
+        trio = [pk.use_onednn(copy.deepcopy(narrow)), pk.use_onednn(copy.deepcopy(full)), ChannelsLast(narrow)]
+        narrow_ms, full_ms, last_ms = paired_latency(trio, x.shape, warmup=2, repeats=repeats)
+        ratio = narrow_ms / full_ms
         rows.append({"filters": list(filters), "flops_ratio": flops, "latency_ms": narrow_ms,
-                     "latency_ms_reference": full_ms, "latency_ratio": ratio})
+                     "latency_ms_reference": full_ms, "latency_ratio": ratio, "channels_last_ms": last_ms})
         table.add_row("-".join(map(str, filters)), f"x{flops:.2f}", f"{narrow_ms:.1f}", f"x{ratio:.2f}",
-                      f"{ratio / flops:.2f}")
+                      f"{ratio / flops:.2f}", f"x{last_ms / narrow_ms:.2f}")
     return rows
 
 
@@ -114,7 +128,7 @@ def main() -> None:
     console.print(table)
     nets = Table(title=f"the demo DynUNet at pruned stage widths, oneDNN path, {args.threads} threads, "
                        f"{'x'.join(map(str, args.size))}, each timed in alternation with 16-32-64-128")
-    for col in ("filters", "FLOPs", "latency ms", "latency", "latency / FLOPs"):
+    for col in ("filters", "FLOPs", "latency ms", "latency", "latency / FLOPs", "channels-last"):
         nets.add_column(col, justify="left" if col == "filters" else "right")
     network = network_rows(args.size, args.repeats, nets)
     console.print(nets)

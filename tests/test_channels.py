@@ -409,36 +409,6 @@ def test_round_to_lands_a_group_norm_network_on_the_nearest_allowed_width() -> N
     assert model(x).shape == (1, 2, 16, 16, 16)
 
 
-def test_a_channel_costs_what_its_layer_writes_and_reads_for_latency() -> None:
-    # On a CPU time follows activations: a full-resolution channel costs 8x one a level down (3-D) whatever the
-    # widths, where a channel's multiply-adds also scale with the widths on the other side (here they are equal).
-    from prunekit3d.channels.importance import layer_costs
-
-    full, down = nn.Conv3d(1, 8, 3, padding=1), nn.Conv3d(8, 16, 3, stride=2, padding=1)
-    net, x = nn.Sequential(full, nn.ReLU(), down), torch.randn(1, 1, 16, 16, 16)
-    act, flops, params = (layer_costs(net, x, cost) for cost in ("activations", "flops", "params"))
-    assert act[full] == (16**3, 16**3) and act[down] == (8**3, 16**3)
-    assert flops[full][0] / flops[down][0] == pytest.approx(16**3 * 1 / (8**3 * 8))
-    assert params[down][0] == 8 * 27 + 1
-    with pytest.raises(ValueError, match="cost must be one of"):
-        layer_costs(net, x, "latency")
-
-
-def test_a_cost_ranking_built_on_one_model_refuses_to_prune_a_copy() -> None:
-    # A copy has other modules: every group would cost 1 and the ranking silently become a plain global one
-    # (compress pruned copies with the original's ranking that way, before the fix).
-    import torch_pruning as tp
-
-    from prunekit3d.channels.importance import CostAwareImportance
-
-    model, x = _network("dynunet")
-    scorer = CostAwareImportance(tp.importance.GroupMagnitudeImportance(), model, x)
-    with pytest.raises(ValueError, match="build it on the network being pruned"):
-        prune_channels(copy.deepcopy(model), x, ratio=0.3, importance=scorer, global_pruning=True)
-    plan = prune_channels(model, x, ratio=0.3, importance=scorer, global_pruning=True)
-    assert plan.reduction() > 0
-
-
 # ---- the record ---------------------------------------------------------------------------------------------
 def test_record_round_trips_json_and_rejects_another_model() -> None:
     model, x = _network("monai_unet")

@@ -1,7 +1,7 @@
 """Policy: how many channels each group of coupled layers loses, to a ratio or to a budget.
 
 Mechanism (which layers are coupled) comes from :mod:`prunekit3d.channels.graph`, scores from
-torch-pruning's importance classes; this module only decides::
+:mod:`prunekit3d.channels.importance`; this module only decides::
 
     model -- build_graph --> groups of coupled channels (heads, gates, ignored layers left out)
           -- importance --> a score per channel of every group
@@ -17,7 +17,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch_pruning as tp
@@ -31,20 +30,13 @@ from prunekit3d.channels.graph import (
     sync_splits,
     sync_widths,
 )
+from prunekit3d.channels.importance import Importance, importance_scorer
 from prunekit3d.channels.record import ChannelPlan, add_round
 from prunekit3d.redundant import RedundantModule
 from prunekit3d.report import count_flops, count_params
 from prunekit3d.wrap import unwrap
 
-__all__ = ["IMPORTANCES", "MAX_RATIO", "count_flops", "count_params", "kernel_widths", "prune_channels"]
-
-Importance = Union[str, Callable[[tp.Group], "torch.Tensor | None"]]
-
-#: Channel scorers by name (torch-pruning's group importances: L2 magnitude, first-order Taylor).
-IMPORTANCES: dict[str, Callable[[], Callable[[tp.Group], torch.Tensor | None]]] = {
-    "magnitude": tp.importance.GroupMagnitudeImportance,
-    "taylor": tp.importance.GroupTaylorImportance,
-}
+__all__ = ["MAX_RATIO", "count_flops", "count_params", "kernel_widths", "prune_channels"]
 
 #: No group of coupled channels ever loses more than this fraction (budgets and global ranking).
 MAX_RATIO = 0.9
@@ -94,18 +86,6 @@ def kernel_widths(width: int, round_to: int) -> list[int]:
         fraction //= 2
         allowed.add(fraction)
     return sorted(w for w in allowed if w <= width)
-
-
-def _scorer(importance: Importance) -> tuple[Callable[[tp.Group], torch.Tensor | None], str]:
-    if isinstance(importance, str):
-        if importance not in IMPORTANCES:
-            close = difflib.get_close_matches(importance, IMPORTANCES, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown importance {importance!r}: {hint}use one of {sorted(IMPORTANCES)} or a scorer")
-        return IMPORTANCES[importance](), importance
-    if callable(importance):
-        return importance, type(importance).__name__
-    raise TypeError("importance must be a name such as 'magnitude' or a callable(group) -> per-channel scores")
 
 
 @contextlib.contextmanager
@@ -349,7 +329,7 @@ def prune_channels(
     for name in ("target_params", "target_flops"):
         if given[name] is not None and given[name] <= 0:
             raise ValueError(f"{name} must be a positive count, got {given[name]}")
-    scorer, scorer_name = _scorer(importance)
+    scorer, scorer_name = importance_scorer(importance)
     model = unwrap(model)
     stage = _stage(model)
     params_before, widths_before = count_params(model), _widths(model)
@@ -372,7 +352,7 @@ def prune_channels(
         _step(graph, scorer, ignored_layers, initial, r, global_pruning, start_width, int(round_to))
         return r
 
-    taylor = isinstance(getattr(scorer, "base", scorer), tp.importance.GroupTaylorImportance)  # also when wrapped
+    taylor = isinstance(scorer, tp.importance.GroupTaylorImportance)
     with _zero_missing_grads(model, needed=taylor), _keep_frozen(model):
         if ratio is not None:
             done = step(ratio)

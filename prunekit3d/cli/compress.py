@@ -75,10 +75,10 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                              "feature (1; 0: logits only)")
     recipe.add_argument("--importance", choices=["magnitude", "taylor"], default=s,
                         help="channel importance (magnitude)")
-    recipe.add_argument("--allocation", choices=["uniform", "global", "cost"], default=s,
-                        help="which layers lose channels: the same fraction each, one global ranking, or one ranking "
-                             "by importance per unit of the budget's cost (uniform; where it would land below 0.8 "
-                             "of the budget, the nearer of uniform and cost)")
+    recipe.add_argument("--allocation", choices=["uniform", "global"], default=s,
+                        help="which layers lose channels: the same fraction each, or one global ranking by "
+                             "importance (uniform; where it would land below 0.8 of the budget, the nearer of "
+                             "the two)")
     recipe.add_argument("--round-to", type=int, default=s, metavar="N",
                         help="pruned layers keep multiples of N channels, or N/2, N/4, ... below N: the widths "
                              "CPU kernels run fast (16 on AVX-512: faster under a FLOP budget, coarser, less "

@@ -65,11 +65,9 @@ class CompressConfig(JsonRecord):
             feature (:class:`~prunekit3d.recipes.compress.distill.FeatureMatch`); 0 = logits only.
         importance: channel importance, "magnitude" (group L2 norm) or "taylor" (|weight x gradient| of the
             distillation loss on the calibration patches).
-        allocation: which groups lose channels: "uniform" (the same fraction of each), "global" (one ranking
-            of all channels) or "cost" (one ranking by importance per multiply-add, per parameter for a
-            parameter budget, per activation value for a latency budget: the budget is taken where it is
-            paid). Where "uniform" would land below 0.8 of a params / FLOP budget (coarse widths: group norms),
-            "cost" is measured too and the nearer one used.
+        allocation: which groups lose channels: "uniform" (the same fraction of each) or "global" (one ranking
+            of all channels by importance). Where "uniform" would land below 0.8 of a params / FLOP budget
+            (coarse widths: group norms), "global" is measured too and the nearer one used.
         round_to: pruned layers keep multiples of this many channels, or power-of-two fractions of it below
             (:func:`~prunekit3d.channels.prune.kernel_widths`); 1 (default): any width. CPU kernels hold channels
             in blocks of 16 floats (AVX-512): a 22-channel layer runs as slowly as a 32-channel one, so 16 makes
@@ -162,7 +160,7 @@ class CompressConfig(JsonRecord):
             "temperature > 0": self.temperature > 0,
             "feature_weight >= 0": self.feature_weight >= 0,
             "importance in ['magnitude', 'taylor']": self.importance in ("magnitude", "taylor"),
-            "allocation in ['uniform', 'global', 'cost']": self.allocation in ("uniform", "global", "cost"),
+            "allocation in ['uniform', 'global']": self.allocation in ("uniform", "global"),
             "round_to >= 1 (1: any width)": self.round_to >= 1,
             "max_block_error >= 0": self.max_block_error >= 0,
             "patience >= 1, step >= 1, tolerance >= 0": self.patience >= 1 and self.step >= 1 and self.tolerance >= 0,
