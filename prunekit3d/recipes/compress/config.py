@@ -72,9 +72,9 @@ class CompressConfig(JsonRecord):
             (:func:`~prunekit3d.channels.prune.kernel_widths`); 1 (default): any width. CPU kernels hold channels
             in blocks of 16 floats (AVX-512): a 22-channel layer runs as slowly as a 32-channel one, so 16 makes
             a FLOP budget faster (held-out benchmark at --target-flops 0.5: oneDNN latency x0.62-0.77 instead of
-            x0.72-0.85), but the coarse widths move more of the network (held-out Dice 1-9 points lower, measured
-            with a global ranking where the cost ranking was meant). Under --target-latency the search lands on
-            those widths by itself.
+            x0.72-0.85), but the coarse widths move more of the network (held-out Dice 1-9 points lower: one
+            ratio lands far below the budget on those widths, and the global ranking cuts some layers to 4-8
+            channels). Under --target-latency the search lands on those widths by itself.
         branches, exp_ratio: light branches per block (7, 4 or 1) and their width.
         max_block_error: an original block is replaced only if its stand-in error is at most this
             (1 = no better than dropping the block). Low by default: on a trained network a replaced block
