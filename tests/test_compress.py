@@ -71,6 +71,7 @@ def test_compress_meets_a_parameter_budget_label_free(checkpoint, tmp_path, caps
 
 
 def test_compress_python_api_flops_budget_with_labels(tmp_path) -> None:
+    # two rounds, of which only the first prunes: the budget is reached there and the second only distils
     torch.manual_seed(0)
     path = tmp_path / "w.safetensors"
     import safetensors.torch
@@ -78,10 +79,12 @@ def test_compress_python_api_flops_budget_with_labels(tmp_path) -> None:
     safetensors.torch.save_model(DynUNet(**KWARGS), str(path))  # one name per shared tensor: the aliases are refilled
     config = CompressConfig(checkpoint=path, out=tmp_path / "out", calib=sample_dataset(), labels=sample_dataset(),
                             model=MODEL, model_kwargs=KWARGS, target_flops=0.7, patch=32, batch=1, blockwise_epochs=1,
-                            epochs=1, finetune_epochs=2, channel_rounds=2, iters_per_epoch=2, device="cpu")
+                            epochs=1, finetune_epochs=2, channel_rounds=2, prune_rounds=1, iters_per_epoch=2,
+                            device="cpu")
     result = compress(config, console=None)
     report = result.report
     assert report["flops_after"] / report["flops_before"] <= 0.7 and report["budget"]["met"]
+    assert [r["round"] for r in report["plan"]["channel_rounds"]] == [0]
     assert 0 <= report["dice_vs_labels_before"] <= 1 and 0 <= report["dice_vs_labels_after"] <= 1
     assert CompressConfig.from_dict(report["config"]) == config
 

@@ -61,6 +61,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                        help="final distillation epochs, shared by the channel rounds (48)")
     sched.add_argument("--channel-rounds", type=int, default=s, metavar="R",
                        help="channel pruning spread over R rounds, each followed by distillation (3)")
+    sched.add_argument("--prune-rounds", type=int, default=s, metavar="P",
+                       help="the first P rounds prune, the rest distil at the final widths (all R)")
     sched.add_argument("--iters-per-epoch", type=int, default=s, help="(10)")
     sched.add_argument("--lr", type=float, default=s, help="Adam learning rate, constant (1e-3)")
     sched.add_argument("--max-block-error", type=float, default=s,

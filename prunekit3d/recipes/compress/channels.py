@@ -74,7 +74,7 @@ def channel_pruning(run: CompressRun) -> nn.Module:
             model = load(pruned).to(run.device)
         else:
             run.state["pruned"] = None
-            if _needs_channels(run, model):
+            if r < (cfg.prune_rounds or total) and _needs_channels(run, model):
                 model, run.state["pruned"] = prune_round(run, model, r, total)
             save(model, pruned, spec=run.spec, overwrite=True)
             run.save_state()
@@ -112,22 +112,25 @@ def prune_round(run: CompressRun, model: nn.Module, r: int, total: int) -> tuple
     """``model`` pruned by round ``r``'s share: an equal factor of the way to the budget per round.
 
     Every round's ratio is a fraction of the widths before the first round (``DIR.partial/blocks``), so the
-    last round ends at the widths one cut to the budget would give: ratios of each round's own widths compound
-    their rounding and overshoot (a group-norm network asked for 0.5 of its FLOPs ended at 0.14).
+    last pruning round ends at the widths one cut to the budget would give: ratios of each round's own widths
+    compound their rounding and overshoot (a group-norm network asked for 0.5 of its FLOPs ended at 0.14).
+    With ``prune_rounds`` below ``total``, the budget is reached at round ``prune_rounds`` and later rounds
+    only distil.
     """
     cfg, budget = run.cfg, run.cfg.budget
+    way = (r + 1) / min(total, cfg.prune_rounds or total)  # of the way to the budget after this round
     model = model.cpu()
     start = load(run.partial / "blocks")
     if cfg.channels is not None:
         if cfg.importance == "taylor":
             _distillation_gradients(run, model)
-        plan = prune_channels(model, run.example, ratio=1 - (1 - cfg.channels) ** ((r + 1) / total),
+        plan = prune_channels(model, run.example, ratio=1 - (1 - cfg.channels) ** way,
                               relative_to=start, **_criterion(run, run.allocation))
     else:
         assert budget is not None
         kind, ratio = budget
         first = run.count(start, kind)
-        target = first * (ratio * run.reference(kind) / first) ** ((r + 1) / total)
+        target = first * (ratio * run.reference(kind) / first) ** way
         model, plan = _prune_to(run, model, kind, target, start, run.allocation)
     info = {"round": r, "ratio": plan.ratio, "params_before": plan.params_before, "params_after": plan.params_after,
             "widths": plan.widths}

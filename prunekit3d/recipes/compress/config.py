@@ -55,6 +55,8 @@ class CompressConfig(JsonRecord):
         epochs: end-to-end distillation with progressive pruning of light branches.
         finetune_epochs: end-to-end distillation of the slim network, shared by the channel-pruning rounds.
         channel_rounds: channel pruning is spread over this many rounds (when channels must go at all).
+        prune_rounds: how many of those rounds prune: the budget is reached at this round and the rounds after
+            it distil at the final widths (None: every round prunes).
         lr: Adam learning rate (constant).
         calib_patches: fixed patches the pruner calibrates on.
         foreground_fraction: probability that a distillation patch is centred on the original's foreground
@@ -109,6 +111,7 @@ class CompressConfig(JsonRecord):
     epochs: int = 4
     finetune_epochs: int = 48
     channel_rounds: int = 3
+    prune_rounds: int | None = None
     iters_per_epoch: int = 10
     lr: float = 1e-3
     calib_patches: int = 8
@@ -153,6 +156,8 @@ class CompressConfig(JsonRecord):
                 min(self.epochs, self.blockwise_epochs, self.finetune_epochs) >= 0,
             "iters_per_epoch >= 1": self.iters_per_epoch >= 1,
             "calib_patches >= 1, channel_rounds >= 1": self.calib_patches >= 1 and self.channel_rounds >= 1,
+            "1 <= prune_rounds <= channel_rounds":
+                self.prune_rounds is None or 1 <= self.prune_rounds <= self.channel_rounds,
             "lr > 0": self.lr > 0,
             "0 <= holdout < 1": 0 <= self.holdout < 1,
             "0 <= min_agreement <= 1": 0 <= self.min_agreement <= 1,
