@@ -76,7 +76,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of attention transfer at every encoder level and the 1/2-resolution decoder "
                              "feature (1; 0: logits only)")
     recipe.add_argument("--importance", choices=["magnitude", "taylor"], default=s,
-                        help="channel importance (magnitude)")
+                        help="channel importance (taylor: |weight x gradient| of the distillation loss)")
     recipe.add_argument("--allocation", choices=["uniform", "global"], default=s,
                         help="which layers lose channels: the same fraction each, or one global ranking by "
                              "importance (uniform; where it would land below 0.8 of the budget, the nearer of "

@@ -234,16 +234,22 @@ def _criterion(run: CompressRun, allocation: str) -> dict[str, Any]:
 
 
 def _distillation_gradients(run: CompressRun, model: nn.Module) -> None:
-    """Gradients of the distillation loss on the calibration patches, for Taylor importance."""
-    model.zero_grad(set_to_none=True)
-    device = next(model.parameters()).device
-    with kept_modes(model):
-        model.eval()
+    """Gradients of the distillation loss on the calibration patches into ``model``'s ``.grad``, for Taylor
+    importance. Computed on a copy: a network may keep tensors of a forward pass as attributes (MONAI's DynUNet
+    keeps its deep-supervision outputs), and with their autograd graph it could no longer be copied for the
+    pruning trials."""
+    probe = copy.deepcopy(model)
+    device = next(probe.parameters()).device
+    with kept_modes(probe):
+        probe.eval()
         for images in run.calib_batches:
             images = images.to(device)
             with torch.no_grad():
                 target = output_logits(run.teacher.to(device)(images))
-            distillation_loss(output_logits(model(images)), target, run.cfg.temperature).backward()
+            distillation_loss(output_logits(probe(images)), target, run.cfg.temperature).backward()
+    grads = {name: p.grad for name, p in probe.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad = grads.get(name)
     run.teacher.to(run.device)
 
 

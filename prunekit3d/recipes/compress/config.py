@@ -65,8 +65,11 @@ class CompressConfig(JsonRecord):
         temperature: of the KL term of the distillation loss.
         feature_weight: weight of attention transfer at every encoder level and the 1/2-resolution decoder
             feature (:class:`~prunekit3d.recipes.compress.distill.FeatureMatch`); 0 = logits only.
-        importance: channel importance, "magnitude" (group L2 norm) or "taylor" (|weight x gradient| of the
-            distillation loss on the calibration patches).
+        importance: channel importance, "taylor" (|weight x gradient| of the distillation loss on the
+            calibration patches: which channels the original's output depends on) or "magnitude" (group L2 norm).
+            Measured on the held-out benchmark at --target-flops 0.3, three seeds each: Taylor kept held-out Dice
+            0.666 / 0.557 (DynUNet / PlainConvUNet) where magnitude kept 0.595 / 0.463, and agreement with the
+            original 0.80 / 0.78 against 0.73 / 0.62.
         allocation: which groups lose channels: "uniform" (the same fraction of each) or "global" (one ranking
             of all channels by importance). Where "uniform" would land below 0.8 of a params / FLOP budget
             (coarse widths: group norms), "global" is measured too and the nearer one used.
@@ -119,7 +122,7 @@ class CompressConfig(JsonRecord):
     augment: bool = False
     temperature: float = 1.0
     feature_weight: float = 1.0
-    importance: str = "magnitude"
+    importance: str = "taylor"
     allocation: str = "uniform"
     round_to: int = 1
     branches: int = 4
