@@ -1,4 +1,4 @@
-"""Inference backends side by side: PyTorch's default path, PyTorch with oneDNN, ONNX Runtime and OpenVINO
+r"""Inference backends side by side: PyTorch's default path, PyTorch with oneDNN, ONNX Runtime and OpenVINO
 (float or INT8 ONNX files).
 
 An ONNX file runs through :class:`OnnxRuntimeModel` or :class:`OpenVinoModel`, ``nn.Module``\ s without

@@ -121,6 +121,8 @@ def _case(name: str, checkpoint: Path, tmp: Path) -> tuple[list[str], str]:
         return _args(checkpoint, out, calib=str(tmp / "empty")), "holds no NIfTI image"
     if name == "unreachable budget":
         return _args(checkpoint, out, "--target-params", "0.001"), "unreachable"
+    if name == "bad setting":  # the message names the setting and echoes the value given
+        return _args(checkpoint, out, "--prune-rounds", "5"), "prune_rounds=5, channel_rounds=3"
     if name == "out not empty":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
@@ -129,7 +131,7 @@ def _case(name: str, checkpoint: Path, tmp: Path) -> tuple[list[str], str]:
 
 
 BAD = ["missing checkpoint", "unreadable checkpoint", "pickled model", "model not importable", "kwargs do not fit",
-       "2-D model", "wrong channel count", "no calibration images", "unreachable budget", "out not empty"]
+       "2-D model", "wrong channel count", "no calibration images", "unreachable budget", "bad setting", "out not empty"]
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -154,11 +156,11 @@ def test_interrupted_run_resumes_from_its_last_phase(checkpoint, tmp_path, monke
     calls: list[int] = []
     original = channels.prune_round
 
-    def interrupted(run, model, r, total):
+    def interrupted(run, model, r, total, *rest):
         calls.append(r)
         if calls == [0, 1]:  # Ctrl-C in the second round of the first run
             raise KeyboardInterrupt
-        return original(run, model, r, total)
+        return original(run, model, r, total, *rest)
 
     monkeypatch.setattr(channels, "prune_round", interrupted)
     with pytest.raises(KeyboardInterrupt):

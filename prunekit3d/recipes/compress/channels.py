@@ -28,7 +28,7 @@ from prunekit3d.fd import find_fd_features
 from prunekit3d.recipes.compress.distill import FeatureMatch, distill_step, distillation_loss
 from prunekit3d.recipes.compress.run import CompressRun, Unreachable
 
-__all__ = ["channel_pruning", "check_reachable", "prune_round"]
+__all__ = ["channel_pruning", "check_reachable", "distillation_gradients", "prune_round"]
 
 
 def check_reachable(run: CompressRun) -> None:
@@ -60,11 +60,14 @@ def channel_pruning(run: CompressRun) -> nn.Module:
     started = time.perf_counter()
     rounds = run.state.setdefault("channel_rounds", [])
     model = load(run.partial / (f"round-{len(rounds) - 1}" if rounds else "blocks")).to(run.device)
+    gradients = None  # Taylor's, of the weights before the first round: the allocation and round 0 share them
     if not rounds:
         needed = _needs_channels(run, model)
         run.state["rounds"] = cfg.channel_rounds if needed else 1
+        if needed and cfg.importance == "taylor":
+            gradients = distillation_gradients(run, model)
         if "allocation" not in run.state:  # chosen once: a resumed run keeps it
-            run.state["allocation"] = _choose_allocation(run, model) if needed else cfg.allocation
+            run.state["allocation"] = _choose_allocation(run, model, gradients) if needed else cfg.allocation
         run.save_state()
     total = run.state["rounds"]
     epochs = math.ceil(cfg.finetune_epochs / total)
@@ -75,7 +78,7 @@ def channel_pruning(run: CompressRun) -> nn.Module:
         else:
             run.state["pruned"] = None
             if r < (cfg.prune_rounds or total) and _needs_channels(run, model):
-                model, run.state["pruned"] = prune_round(run, model, r, total)
+                model, run.state["pruned"] = prune_round(run, model, r, total, gradients if r == 0 else None)
             save(model, pruned, spec=run.spec, overwrite=True)
             run.save_state()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -108,22 +111,24 @@ def _needs_channels(run: CompressRun, model: nn.Module) -> bool:
     return budget is not None and run.count(model, budget[0]) > budget[1] * run.reference(budget[0])
 
 
-def prune_round(run: CompressRun, model: nn.Module, r: int, total: int) -> tuple[nn.Module, dict[str, Any]]:
+def prune_round(run: CompressRun, model: nn.Module, r: int, total: int,
+                gradients: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """``model`` pruned by round ``r``'s share: an equal factor of the way to the budget per round.
 
     Every round's ratio is a fraction of the widths before the first round (``DIR.partial/blocks``), so the
     last pruning round ends at the widths one cut to the budget would give: ratios of each round's own widths
     compound their rounding and overshoot (a group-norm network asked for 0.5 of its FLOPs ended at 0.14).
     With ``prune_rounds`` below ``total``, the budget is reached at round ``prune_rounds`` and later rounds
-    only distil.
+    only distil. Taylor importance reads ``gradients`` (of ``model``'s weights; computed here if not given).
     """
     cfg, budget = run.cfg, run.cfg.budget
     way = (r + 1) / min(total, cfg.prune_rounds or total)  # of the way to the budget after this round
     model = model.cpu()
     start = load(run.partial / "blocks")
+    if gradients is None and cfg.importance == "taylor":
+        gradients = distillation_gradients(run, model)
     if cfg.channels is not None:
-        if cfg.importance == "taylor":
-            _distillation_gradients(run, model)
+        _set_gradients(model, gradients)
         plan = prune_channels(model, run.example, ratio=1 - (1 - cfg.channels) ** way,
                               relative_to=start, **_criterion(run, run.allocation))
     else:
@@ -131,24 +136,20 @@ def prune_round(run: CompressRun, model: nn.Module, r: int, total: int) -> tuple
         kind, ratio = budget
         first = run.count(start, kind)
         target = first * (ratio * run.reference(kind) / first) ** way
-        model, plan = _prune_to(run, model, kind, target, start, run.allocation)
+        model, plan = _prune_to(run, model, kind, target, start, run.allocation, gradients)
     info = {"round": r, "ratio": plan.ratio, "params_before": plan.params_before, "params_after": plan.params_after,
             "widths": plan.widths}
     return model.to(run.device), info
 
 
 def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float, start: nn.Module,
-              allocation: str) -> tuple[nn.Module, Any]:
+              allocation: str, gradients: dict[str, torch.Tensor] | None) -> tuple[nn.Module, Any]:
     """``model`` (a copy) with the least channel pruning -- one ratio of ``start``'s widths for every group of
     coupled layers -- that brings its parameters or fvcore FLOPs to ``target``: bisection on the ratio, each
-    try on a copy."""
-    if run.cfg.importance == "taylor":
-        _distillation_gradients(run, model)
+    try on a copy (with ``gradients``, for Taylor importance)."""
 
     def attempt(r: float) -> tuple[nn.Module, Any, float]:
-        trial = copy.deepcopy(model)
-        for mine, theirs in zip(trial.parameters(), model.parameters()):  # deepcopy drops the gradients Taylor reads
-            mine.grad = None if theirs.grad is None else theirs.grad.clone()
+        trial = _set_gradients(copy.deepcopy(model), gradients)
         plan = prune_channels(trial, run.example, ratio=r, relative_to=start, **_criterion(run, allocation))
         return trial, plan, run.count(trial, kind)
 
@@ -182,7 +183,7 @@ def _prune_to(run: CompressRun, model: nn.Module, kind: str, target: float, star
 UNIFORM_LANDING = 0.8
 
 
-def _choose_allocation(run: CompressRun, start: nn.Module) -> str:
+def _choose_allocation(run: CompressRun, start: nn.Module, gradients: dict[str, torch.Tensor] | None) -> str:
     """The configured allocation; but "global" where "uniform" cannot come near a params / FLOP budget.
 
     Group norms and narrow layers make widths coarse (a 16-channel layer with 8 groups keeps 16 or 8): one ratio
@@ -197,7 +198,7 @@ def _choose_allocation(run: CompressRun, start: nn.Module) -> str:
     target = ratio * run.reference(kind)
     landed = {}
     for allocation in ("uniform", "global"):
-        one_cut, _ = _prune_to(run, start.cpu(), kind, target, start, allocation)
+        one_cut, _ = _prune_to(run, start.cpu(), kind, target, start, allocation, gradients)
         landed[allocation] = run.count(one_cut, kind) / run.reference(kind)
         if landed[allocation] >= UNIFORM_LANDING * ratio:
             break
@@ -226,18 +227,19 @@ def _criterion(run: CompressRun, allocation: str) -> dict[str, Any]:
     """``prune_channels``'s importance and allocation for this run: which channels go, and from which groups.
 
     ``allocation``: "uniform" removes the same fraction of every group; "global" ranks all channels by
-    importance. Taylor importance reads gradients: :func:`_distillation_gradients` first.
+    importance. Taylor importance reads ``.grad``: :func:`distillation_gradients`, then :func:`_set_gradients`.
     """
     cfg = run.cfg
     return {"importance": IMPORTANCES[cfg.importance](), "global_pruning": allocation == "global",
             "round_to": cfg.round_to}
 
 
-def _distillation_gradients(run: CompressRun, model: nn.Module) -> None:
-    """Gradients of the distillation loss on the calibration patches into ``model``'s ``.grad``, for Taylor
-    importance. Computed on a copy: a network may keep tensors of a forward pass as attributes (MONAI's DynUNet
-    keeps its deep-supervision outputs), and with their autograd graph it could no longer be copied for the
-    pruning trials."""
+def distillation_gradients(run: CompressRun, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gradients of the distillation loss on the calibration patches by parameter name, for Taylor importance.
+
+    Computed on a copy: a network may keep tensors of a forward pass as attributes (MONAI's DynUNet keeps its
+    deep-supervision outputs), and with their autograd graph it could no longer be copied for the pruning trials.
+    One pass over the calibration patches per set of weights: the bisection's trials all read the same."""
     probe = copy.deepcopy(model)
     device = next(probe.parameters()).device
     with kept_modes(probe):
@@ -247,10 +249,17 @@ def _distillation_gradients(run: CompressRun, model: nn.Module) -> None:
             with torch.no_grad():
                 target = output_logits(run.teacher.to(device)(images))
             distillation_loss(output_logits(probe(images)), target, run.cfg.temperature).backward()
-    grads = {name: p.grad for name, p in probe.named_parameters()}
-    for name, p in model.named_parameters():
-        p.grad = grads.get(name)
     run.teacher.to(run.device)
+    return {name: p.grad for name, p in probe.named_parameters() if p.grad is not None}
+
+
+def _set_gradients(model: nn.Module, gradients: dict[str, torch.Tensor] | None) -> nn.Module:
+    """``model`` with ``gradients`` (by parameter name) as its ``.grad``: what Taylor importance reads."""
+    if gradients is not None:
+        for name, p in model.named_parameters():
+            grad = gradients.get(name)
+            p.grad = None if grad is None else grad.to(p.device).clone()
+    return model
 
 
 def _check_budget_met(run: CompressRun, model: nn.Module) -> None:

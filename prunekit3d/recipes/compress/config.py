@@ -146,34 +146,40 @@ class CompressConfig(JsonRecord):
         if self.patch is not None:
             values = [self.patch] if isinstance(self.patch, int) else list(self.patch)
             self.patch = tuple(int(v) for v in (values * 3 if len(values) == 1 else values))  # type: ignore[assignment]
-        rules = {
-            "at most one of target_params, target_flops, target_latency":
-                sum(v is not None for v in (self.target_params, self.target_flops, self.target_latency)) <= 1,
-            "0 < target_params <= 1": self.target_params is None or 0 < self.target_params <= 1,
-            "0 < target_flops <= 1": self.target_flops is None or 0 < self.target_flops <= 1,
-            "0 < target_latency <= 1": self.target_latency is None or 0 < self.target_latency <= 1,
-            "0 < channels < 1 (the fraction of channels removed)": self.channels is None or 0 < self.channels < 1,
-            "patch: 3 sizes >= 1": self.patch is None or (len(self.patch) == 3 and min(self.patch) >= 1),
-            "batch >= 1": self.batch >= 1,
-            "epochs, blockwise_epochs, finetune_epochs >= 0":
-                min(self.epochs, self.blockwise_epochs, self.finetune_epochs) >= 0,
-            "iters_per_epoch >= 1": self.iters_per_epoch >= 1,
-            "calib_patches >= 1, channel_rounds >= 1": self.calib_patches >= 1 and self.channel_rounds >= 1,
-            "1 <= prune_rounds <= channel_rounds":
-                self.prune_rounds is None or 1 <= self.prune_rounds <= self.channel_rounds,
-            "lr > 0": self.lr > 0,
-            "0 <= holdout < 1": 0 <= self.holdout < 1,
-            "0 <= min_agreement <= 1": 0 <= self.min_agreement <= 1,
-            "0 <= foreground_fraction <= 1": 0 <= self.foreground_fraction <= 1,
-            "temperature > 0": self.temperature > 0,
-            "feature_weight >= 0": self.feature_weight >= 0,
-            "importance in ['magnitude', 'taylor']": self.importance in ("magnitude", "taylor"),
-            "allocation in ['uniform', 'global']": self.allocation in ("uniform", "global"),
-            "round_to >= 1 (1: any width)": self.round_to >= 1,
-            "max_block_error >= 0": self.max_block_error >= 0,
-            "patience >= 1, step >= 1, tolerance >= 0": self.patience >= 1 and self.step >= 1 and self.tolerance >= 0,
-        }
-        broken = [rule for rule, ok in rules.items() if not ok]
+        rules = [  # (what is needed, the settings it reads, whether it holds)
+            ("at most one of target_params, target_flops, target_latency",
+             ("target_params", "target_flops", "target_latency"),
+             sum(v is not None for v in (self.target_params, self.target_flops, self.target_latency)) <= 1),
+            ("0 < target_params <= 1", ("target_params",), self.target_params is None or 0 < self.target_params <= 1),
+            ("0 < target_flops <= 1", ("target_flops",), self.target_flops is None or 0 < self.target_flops <= 1),
+            ("0 < target_latency <= 1", ("target_latency",),
+             self.target_latency is None or 0 < self.target_latency <= 1),
+            ("0 < channels < 1 (the fraction of channels removed)", ("channels",),
+             self.channels is None or 0 < self.channels < 1),
+            ("patch: 3 sizes >= 1", ("patch",), self.patch is None or (len(self.patch) == 3 and min(self.patch) >= 1)),
+            ("batch >= 1", ("batch",), self.batch >= 1),
+            ("epochs, blockwise_epochs, finetune_epochs >= 0", ("epochs", "blockwise_epochs", "finetune_epochs"),
+             min(self.epochs, self.blockwise_epochs, self.finetune_epochs) >= 0),
+            ("iters_per_epoch >= 1", ("iters_per_epoch",), self.iters_per_epoch >= 1),
+            ("calib_patches >= 1, channel_rounds >= 1", ("calib_patches", "channel_rounds"),
+             self.calib_patches >= 1 and self.channel_rounds >= 1),
+            ("1 <= prune_rounds <= channel_rounds", ("prune_rounds", "channel_rounds"),
+             self.prune_rounds is None or 1 <= self.prune_rounds <= self.channel_rounds),
+            ("lr > 0", ("lr",), self.lr > 0),
+            ("0 <= holdout < 1", ("holdout",), 0 <= self.holdout < 1),
+            ("0 <= min_agreement <= 1", ("min_agreement",), 0 <= self.min_agreement <= 1),
+            ("0 <= foreground_fraction <= 1", ("foreground_fraction",), 0 <= self.foreground_fraction <= 1),
+            ("temperature > 0", ("temperature",), self.temperature > 0),
+            ("feature_weight >= 0", ("feature_weight",), self.feature_weight >= 0),
+            ("importance in ['magnitude', 'taylor']", ("importance",), self.importance in ("magnitude", "taylor")),
+            ("allocation in ['uniform', 'global']", ("allocation",), self.allocation in ("uniform", "global")),
+            ("round_to >= 1 (1: any width)", ("round_to",), self.round_to >= 1),
+            ("max_block_error >= 0", ("max_block_error",), self.max_block_error >= 0),
+            ("patience >= 1, step >= 1, tolerance >= 0", ("patience", "step", "tolerance"),
+             self.patience >= 1 and self.step >= 1 and self.tolerance >= 0),
+        ]
+        broken = [f"{rule} (given: {', '.join(f'{name}={getattr(self, name)!r}' for name in names)})"
+                  for rule, names, ok in rules if not ok]
         if broken:
             raise ValueError(f"invalid compress settings: needs {'; '.join(broken)}")
         if self.folds is not None:
