@@ -70,9 +70,12 @@ def test_compress_meets_a_parameter_budget_label_free(checkpoint, tmp_path, caps
     assert _sha(checkpoint) == digest and not partial_dir(out).exists()
 
 
-def test_compress_python_api_flops_budget_with_labels(tmp_path) -> None:
+def test_compress_python_api_flops_budget_with_labels(tmp_path, monkeypatch) -> None:
     # two rounds, of which only the first prunes: the budget is reached there and the second only distils
     torch.manual_seed(0)
+    passes: list[int] = []  # Taylor's gradient passes: one, shared by the allocation choice and round 0
+    original = channels.distillation_gradients
+    monkeypatch.setattr(channels, "distillation_gradients", lambda run, model: passes.append(1) or original(run, model))
     path = tmp_path / "w.safetensors"
     import safetensors.torch
 
@@ -85,6 +88,7 @@ def test_compress_python_api_flops_budget_with_labels(tmp_path) -> None:
     report = result.report
     assert report["flops_after"] / report["flops_before"] <= 0.7 and report["budget"]["met"]
     assert [r["round"] for r in report["plan"]["channel_rounds"]] == [0]
+    assert config.importance == "taylor" and len(passes) == 1
     assert 0 <= report["dice_vs_labels_before"] <= 1 and 0 <= report["dice_vs_labels_after"] <= 1
     assert CompressConfig.from_dict(report["config"]) == config
 
