@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--baselines", type=Path, help="where trained baselines are kept and reused (default: --out)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--with-labels", action="store_true",
-                        help="compress on the training slab with its labels instead of the unlabeled calibration images")
+                        help="compress on the training slab with its labels, not the unlabeled calibration images")
     parser.add_argument("--no-second-original", dest="second_original", action="store_false",
                         help="skip training each family a second time with another seed")
     args = parser.parse_args()
@@ -156,7 +156,8 @@ def main() -> None:
                     continue
                 small, seconds, report = _compress(family, data, variant, {kind: value, **extra, "seed": seed},
                                                    args, console)
-                rows.append({"family": family, "variant": variant, "seed": seed, "compress_s": seconds,
+                rows.append({"family": family, "variant": variant, "seed": seed, "settings": extra,
+                             "compress_s": seconds,
                              **costs(small, baseline), **held_out.scores(small, baseline, PATCH),
                              "agreement_reported": report.get("agreement_dice")})
                 _save(results_file, rows, args)
