@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from monai.networks.nets import DynUNet
 
@@ -154,24 +155,48 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(name, checkpoint, tmp_pa
         assert _sha(given) == digest
 
 
-def test_interrupted_run_resumes_from_its_last_phase(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+def test_interrupted_run_resumes_mid_round_to_the_same_network(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    """Stopped in the middle of channel rounds and resumed (twice), a run redoes nothing it completed and ends with
+    exactly the weights of a run never stopped: every epoch checkpoints the weights and the optimizer's state, and
+    each epoch draws its patches from its own seed."""
+    extra = ("--target-params", "0.5", "--finetune-epochs", "6")  # 2 epochs of 2 steps a round
+    assert main(_args(checkpoint, tmp_path / "whole", *extra)) == 0
     out = tmp_path / "small"
-    args = _args(checkpoint, out, "--target-params", "0.5")
-    calls: list[int] = []
-    original = channels.prune_round
-
-    def interrupted(run, model, r, total, *rest):
-        calls.append(r)
-        if calls == [0, 1]:  # Ctrl-C in the second round of the first run
-            raise KeyboardInterrupt
-        return original(run, model, r, total, *rest)
-
-    monkeypatch.setattr(channels, "prune_round", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(args)
+    args = _args(checkpoint, out, *extra)
     partial = partial_dir(out)
+    calls: dict[str, list] = {"prune": [], "gradients": [], "steps": []}
+    stop_at: list[int] = []  # the distillation step (of this run) that raises KeyboardInterrupt
+    prune_round, distill_step, gradients = channels.prune_round, channels.distill_step, channels.distillation_gradients
+
+    def counted_prune(run, model, r, total, *rest):
+        calls["prune"].append(r)
+        return prune_round(run, model, r, total, *rest)
+
+    def counted_gradients(*args):
+        calls["gradients"].append(1)
+        return gradients(*args)
+
+    def interrupted(*args, **kwargs):
+        calls["steps"].append(1)
+        if len(calls["steps"]) == stop_at[-1]:
+            raise KeyboardInterrupt
+        return distill_step(*args, **kwargs)
+
+    def stopped_in(phase: str, epoch: int) -> None:
+        with pytest.raises(KeyboardInterrupt):
+            main(args if not partial.exists() else [*args, "--resume"])
+        student = json.loads((partial / "student" / "state.json").read_text())["state"]
+        assert not out.exists() and (student["phase"], student["epoch"]) == (phase, epoch)
+        calls["steps"].clear()
+
+    monkeypatch.setattr(channels, "prune_round", counted_prune)
+    monkeypatch.setattr(channels, "distillation_gradients", counted_gradients)
+    monkeypatch.setattr(channels, "distill_step", interrupted)
+    stop_at.append(3)  # Ctrl-C in round 0's second epoch
+    stopped_in("round-0", 0)
     state = json.loads((partial / "state.json").read_text())
-    assert not out.exists() and state["completed"] == ["stand-in", "blocks"] and len(state["channel_rounds"]) == 1
+    assert state["completed"] == ["stand-in", "blocks"] and state["channel_rounds"] == []
+    assert calls["prune"] == [0] and len(calls["gradients"]) == 1
 
     assert main(args) == 2 and "--resume" in capsys.readouterr().err  # a leftover run is never overwritten
 
@@ -180,12 +205,19 @@ def test_interrupted_run_resumes_from_its_last_phase(checkpoint, tmp_path, monke
 
     monkeypatch.setattr(blocks, "stand_in", never)
     monkeypatch.setattr(blocks, "block_pruning", never)
+    stop_at.append(5)  # resumed: round 0's second epoch, round 1's first, then Ctrl-C in round 1's second
+    stopped_in("round-1", 0)
+    assert calls["prune"] == [0, 1] and len(calls["gradients"]) == 2  # round 0 neither pruned nor ranked again
+    stop_at.append(0)
     assert main([*args, "--resume"]) == 0
-    assert calls == [0, 1, 1, 2]  # round 0 was not pruned again
+    assert calls["prune"] == [0, 1, 2]  # round 1 was not pruned again
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] / report["params_before"] <= 0.5 and not partial.exists()
     assert len(report["plan"]["channel_rounds"]) == 3
     pk.load(out)
+    whole = safetensors.torch.load_file(tmp_path / "whole" / "weights.safetensors")
+    resumed = safetensors.torch.load_file(out / "weights.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_resume_refuses_other_settings(checkpoint, tmp_path, monkeypatch, capsys) -> None:

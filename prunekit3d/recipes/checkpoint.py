@@ -56,12 +56,13 @@ def _join_optimizer(tensors: Mapping[str, torch.Tensor], rest: Mapping[str, Any]
 
 
 def save_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: Mapping[str, Any]
 ) -> Path:
-    """Write (or atomically replace) the checkpoint directory ``path``; ``state`` must be JSON-able."""
+    """Write (or atomically replace) the checkpoint directory ``path``; ``state`` must be JSON-able. Without an
+    ``optimizer`` (weights only, as a best epoch's), its file holds no state."""
     path = Path(path)
     weights, tied = split_tied(model.state_dict())
-    tensors, rest = _split_optimizer(optimizer)
+    tensors, rest = _split_optimizer(optimizer) if optimizer is not None else ({}, {"param_groups": [], "scalars": {}})
     body = json.dumps({"format": FORMAT, "format_version": VERSION, "tied": tied, "optimizer": rest,
                        "state": state}, indent=1)
     with atomic_directory(path, overwrite=True) as tmp:

@@ -350,7 +350,7 @@ class CompressRun:
                     best["scores"].append(round(value, 5))
                     if value > best.get("score", -1.0):
                         best.update(epoch=epoch, score=value)
-                        save_checkpoint(self.partial / f"best-{phase}", model, optimizer, {"epoch": epoch})
+                        save_checkpoint(self.partial / f"best-{phase}", model, None, {"epoch": epoch})  # weights only
                     progress["best"] = best
                 self.checkpoint(model, optimizer, progress)
         if score is not None and "epoch" in best:
