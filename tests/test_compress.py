@@ -157,8 +157,8 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(name, checkpoint, tmp_pa
 
 def test_interrupted_run_resumes_mid_round_to_the_same_network(checkpoint, tmp_path, monkeypatch, capsys) -> None:
     """Stopped in the middle of channel rounds and resumed (twice), a run redoes nothing it completed and ends with
-    exactly the weights of a run never stopped (a resume with other settings is refused): every epoch checkpoints the weights and the optimizer's state, and
-    each epoch draws its patches from its own seed."""
+    exactly the weights of a run never stopped (a resume with other settings is refused): every epoch checkpoints
+    the weights and the optimizer's state, and each epoch draws its patches from its own seed."""
     extra = ("--target-params", "0.5", "--finetune-epochs", "6")  # 2 epochs of 2 steps a round
     assert main(_args(checkpoint, tmp_path / "whole", *extra)) == 0
     out = tmp_path / "small"
@@ -214,6 +214,7 @@ def test_interrupted_run_resumes_mid_round_to_the_same_network(checkpoint, tmp_p
     stop_at.append(5)  # resumed: round 0's second epoch, round 1's first, then Ctrl-C in round 1's second
     stopped_in("round-1", 0)
     assert calls["prune"] == [0, 1] and len(calls["gradients"]) == 2  # round 0 neither pruned nor ranked again
+    assert len(json.loads((partial / "state.json").read_text())["channel_rounds"]) == 1
     stop_at.append(0)
     assert main([*args, "--resume"]) == 0
     assert calls["prune"] == [0, 1, 2]  # round 1 was not pruned again

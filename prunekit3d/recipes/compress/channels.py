@@ -64,11 +64,9 @@ def channel_pruning(run: CompressRun) -> nn.Module:
     if not rounds:
         needed = _needs_channels(run, model)
         run.state["rounds"] = cfg.channel_rounds if needed else 1
-        # Not on a resume that finds round 0 pruned and the allocation chosen: nothing would read them.
-        unread = "allocation" in run.state and (run.partial / "pruned-0").is_dir()
-        if needed and cfg.importance == "taylor" and not unread:
-            gradients = distillation_gradients(run, model)
-        if "allocation" not in run.state:  # chosen once: a resumed run keeps it
+        if "allocation" not in run.state:  # chosen once: a resumed run keeps it (round 0 ranks by itself then)
+            if needed and cfg.importance == "taylor":
+                gradients = distillation_gradients(run, model)
             run.state["allocation"] = _choose_allocation(run, model, gradients) if needed else cfg.allocation
         run.save_state()
     total = run.state["rounds"]
