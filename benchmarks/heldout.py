@@ -20,13 +20,17 @@ One compression of one network scored on one CT is a noisy measurement: ``compre
 it calibrates and distils on) moved held-out Dice by 0.10 at x0.25 FLOPs. ``--seeds 0 1 2`` compresses every
 budget once per seed and adds a table of mean and standard deviation over the seeds: compare recipes there.
 
+``--fold 1`` holds out the bundled CT's other evaluation slab (:data:`prunekit3d.sample.split.FOLDS`): baselines
+are trained on that fold's training slabs (``baseline-fold1*.safetensors``) and every row is scored on its slab.
+Run each fold into its own ``--out``; the two folds together score on twice the labeled voxels.
+
 With ``--with-labels`` the compressed rows are made as a user with a labeled training set would: ``compress``
 calibrates and distils on the training slab with ``--labels`` (a supervised term beside the distillation).
 
 Writes ``heldout.json`` (after every row), ``heldout.md`` and ``heldout.png`` (held-out Dice against FLOPs and
 against latency) into ``--out``. Measured numbers only.
 
-    python benchmarks/heldout.py [--families dynunet segresnet basic_unet plain_unet] [--out heldout-results]
+    python benchmarks/heldout.py [--families dynunet segresnet basic_unet plain_unet] [--fold 0] [--out heldout-results]
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from prunekit3d.io.files import write_json
 from prunekit3d.report import count_flops, count_params, measure, paired_latency
 from prunekit3d.data.network_input import Preprocessing
 from prunekit3d.recipes.demo import BASELINE_SPEC as DEMO_BASELINE_SPEC
-from prunekit3d.sample.split import evaluation, heldout_split, training_pair
+from prunekit3d.sample.split import FOLDS, evaluation, heldout_split, training_pairs
 
 #: The baselines: one network per family, each a few minutes of CPU training.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -80,13 +84,13 @@ def build(name: str) -> nn.Module:
     return pk.from_spec(FAMILIES[name])
 
 
-def fit(model: nn.Module, image: torch.Tensor, label: torch.Tensor, iterations: int, seed: int,
+def fit(model: nn.Module, images: list[torch.Tensor], labels: list[torch.Tensor], iterations: int, seed: int,
         console: Console, title: str) -> nn.Module:
-    """Supervised training on the training slab (Dice + CE, Adam, poly decay, patches centred on the foreground
+    """Supervised training on the training slabs (Dice + CE, Adam, poly decay, patches centred on the foreground
     half of the time, rotated, flipped and intensity-jittered)."""
     from prunekit3d.recipes.demo import fit_supervised
 
-    return fit_supervised(model, [image], [label], PATCH, iterations, seed=seed, console=console, title=title,
+    return fit_supervised(model, images, labels, PATCH, iterations, seed=seed, console=console, title=title,
                           augment=True)
 
 
@@ -118,6 +122,8 @@ def main() -> None:
                              "patches); the tables add mean and standard deviation over them")
     parser.add_argument("--out", type=Path, default=Path("heldout-results"))
     parser.add_argument("--baselines", type=Path, help="where trained baselines are kept and reused (default: --out)")
+    parser.add_argument("--fold", type=int, default=0, choices=range(len(FOLDS)),
+                        help="which slab of the bundled CT is held out for evaluation (one --out per fold)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--with-labels", action="store_true",
                         help="compress on the training slab with its labels, not the unlabeled calibration images")
@@ -127,16 +133,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     console = Console(width=max(Console().width, 160))
     args.out.mkdir(parents=True, exist_ok=True)
-    split = heldout_split(args.out / "split")
+    split = heldout_split(args.out / "split", args.fold)
     record = Preprocessing.parse(PREPROCESSING)
     held_out = evaluation(split, record)
-    data = {"calib": split.calibration_dir, "train": training_pair(split, record), "split": split}
+    data = {"calib": split.calibration_dir, "train": training_pairs(split, record), "split": split}
     budgets = [(k, float(v)) for k, v in (b.split("=") for b in args.budgets)]
     extra = json.loads(args.compress)
     if "seed" in extra:
         parser.error("--compress sets no seed: pass it with --seeds")
     results_file = args.out / "heldout.json"
-    rows: list[dict[str, Any]] = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
+    earlier = json.loads(results_file.read_text()) if results_file.is_file() else {"fold": args.fold, "rows": []}
+    if earlier.get("fold", 0) != args.fold:
+        parser.error(f"{results_file} holds fold {earlier.get('fold', 0)}'s rows; pass another --out for fold {args.fold}")
+    rows: list[dict[str, Any]] = earlier["rows"]
     done = {(r["family"], r["variant"], r.get("seed", 0)) for r in rows}
     for family in args.families:
         baseline = _baseline(family, data, args, console)
@@ -176,8 +185,7 @@ def main() -> None:
 
 def _baseline(family: str, data: dict[str, Any], args: argparse.Namespace, console: Console,
               seed: int = 0) -> nn.Module:
-    name = "baseline.safetensors" if seed == 0 else f"baseline-seed{seed}.safetensors"
-    path = (args.baselines or args.out) / family / name
+    path = _baseline_path(family, args, seed)
     model = build(family)
     if path.is_file():
         from prunekit3d.sources import fit_weights, read_state_dict
@@ -200,15 +208,22 @@ def _compress(family: str, data: dict[str, Any], variant: str, settings: dict[st
     spec = args.out / family / "spec.json"
     write_json(spec, FAMILIES[family])
     split = data["split"]
-    calib = {"calib": str(split.train.image), "labels": str(split.train.label)} if args.with_labels else {
+    train = split.train[0]
+    calib = {"calib": str(train.image.parent), "labels": str(train.label.parent)} if args.with_labels else {
         "calib": str(data["calib"])}
-    config = CompressConfig(checkpoint=str((args.baselines or args.out) / family / "baseline.safetensors"),
+    config = CompressConfig(checkpoint=str(_baseline_path(family, args)),
                             out=str(args.out / family / _folder(variant, settings["seed"])), spec=str(spec),
                             preprocessing=PREPROCESSING,
                             patch=PATCH, device="cpu", overwrite=True, **calib, **settings)
     started = time.perf_counter()
     result = compress(config, console=console)
     return result.model.cpu().eval(), time.perf_counter() - started, result.report
+
+
+def _baseline_path(family: str, args: argparse.Namespace, seed: int = 0) -> Path:
+    """Where a family's baseline of ``seed`` trained on ``--fold``'s training slabs is kept (fold 0 unmarked)."""
+    tags = (f"-fold{args.fold}" if args.fold else "") + (f"-seed{seed}" if seed else "")
+    return (args.baselines or args.out) / family / f"baseline{tags}.safetensors"
 
 
 def _folder(variant: str, seed: int = 0) -> str:
@@ -224,8 +239,8 @@ def _reinitialise(model: nn.Module) -> None:
 
 
 def _save(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    write_json(path, {"threads": args.threads, "patch": list(PATCH), "preprocessing": PREPROCESSING, "rows": rows,
-                      "torch": torch.__version__})
+    write_json(path, {"fold": args.fold, "threads": args.threads, "patch": list(PATCH), "preprocessing": PREPROCESSING,
+                      "rows": rows, "torch": torch.__version__})
     (path.parent / "heldout.md").write_text(markdown(rows), encoding="utf-8")
 
 

@@ -54,15 +54,15 @@ PREPROCESSING = "ct:-200:300"
 TARGET_FLOPS = 0.3
 
 
-def demo_data(folder: str | Path) -> tuple[Any, tuple[torch.Tensor, torch.Tensor], Any]:
-    """The bundled CT's held-out split written into ``folder``: ``(split, training pair, evaluation)``, both
-    preprocessed with :data:`PREPROCESSING` (see :mod:`prunekit3d.sample.split`)."""
+def demo_data(folder: str | Path, fold: int = 0) -> tuple[Any, tuple[list[torch.Tensor], list[torch.Tensor]], Any]:
+    """Fold ``fold`` of the bundled CT's held-out split written into ``folder``: ``(split, (training images,
+    their labels), evaluation)``, preprocessed with :data:`PREPROCESSING` (see :mod:`prunekit3d.sample.split`)."""
     from prunekit3d.data.network_input import Preprocessing
-    from prunekit3d.sample.split import evaluation, heldout_split, training_pair
+    from prunekit3d.sample.split import evaluation, heldout_split, training_pairs
 
-    split = heldout_split(folder)
+    split = heldout_split(folder, fold)
     record = Preprocessing.parse(PREPROCESSING)
-    return split, training_pair(split, record), evaluation(split, record)
+    return split, training_pairs(split, record), evaluation(split, record)
 
 
 def fit_supervised(
@@ -120,8 +120,8 @@ def train_baseline(
     torch.manual_seed(seed)
     model = from_spec(spec or BASELINE_SPEC)
     with tempfile.TemporaryDirectory() as tmp:
-        _, (image, label), _ = demo_data(tmp)
-    return fit_supervised(model, [image], [label], PATCH, iterations, seed=seed, console=console,
+        _, (images, labels), _ = demo_data(tmp)
+    return fit_supervised(model, images, labels, PATCH, iterations, seed=seed, console=console,
                           title="training the baseline", augment=True)
 
 

@@ -1,19 +1,30 @@
 """The bundled CT split for held-out evaluation: a part to train and calibrate on, a part never seen.
 
 The labeled CT (``imagesTr/ct_abdomen.nii.gz``, 30 slices) is slices 82-111 of the full 112-slice scan
-(``unlabeled/ct_abdomen_full.nii.gz``, no labels). Along z (the scan's slice axis)::
+(``unlabeled/ct_abdomen_full.nii.gz``, no labels). Along z (the scan's slice axis), fold 0 (the default)::
 
     full CT slices   0 ... 26 | 27 ... 54 | 55 ... 81 | 82 ..... 91 | 92 ........... 111
                      unlabeled, three parts            | EVALUATION  | TRAINING (labeled)
     labeled slices                                     |  0 ...... 9 | 10 ............ 29
 
-- ``train``: labeled slices 10-29 (liver, kidneys, spleen) -- baselines are trained on them;
-- ``calibration``: unlabeled images for label-free compression, four volumes: the training slab
-  (``abdomen``) and the three parts of full-CT slices 0-81 (``lower_1`` .. ``lower_3``; compress holds out the
-  last by name, the one next to the evaluation slab, to measure agreement);
-- ``evaluation``: labeled slices 0-9 (all three organs), never part of training, calibration or distillation.
-  A network is scored on them as inference sees them: predicted within the whole scan (``context``), whose
-  other slices are the training and calibration parts, and cut to the slab (``Case.slices``) afterwards.
+and fold 1, which holds out the next ten labeled slices and trains on the two slabs around them::
+
+    labeled slices                                     |  0 ... 9 | 10 ...... 19 | 20 ... 29
+                                                       | TRAINING | EVALUATION   | TRAINING
+
+- ``train``: the labeled slices outside the fold's evaluation slab (liver, kidneys, spleen), one file per
+  contiguous slab -- baselines are trained on them;
+- ``calibration``: unlabeled images for label-free compression: the training slab(s) (``abdomen``, or
+  ``abdomen_1`` and ``abdomen_2``) and the three parts of full-CT slices 0-81 (``lower_1`` .. ``lower_3``; compress
+  holds out the last by name to measure agreement);
+- ``evaluation``: the fold's ten labeled slices (all three organs), never part of training, calibration or
+  distillation. A network is scored on them as inference sees them: predicted within the whole scan
+  (``context``), whose other slices are the training and calibration parts, and cut to the slab
+  (``Case.slices``) afterwards.
+
+Labeled slices 20-29 hold 89 kidney voxels in all, too few to score an organ on, so they make no third fold. Two
+folds double the labeled voxels a benchmark is scored on; networks trained on one fold are scored on its own
+evaluation slab only.
 
 Every part is written as its own NIfTI file (labels in a ``labels/`` folder beside it, named like the
 image) with the affine of its first slice, so predictions land on the scan's grid. Intensities stay in Hounsfield
@@ -38,11 +49,13 @@ from torch import nn
 from prunekit3d.data.network_input import Preprocessing
 from prunekit3d.sample import sample_dataset
 
-__all__ = ["EVALUATION_SLICES", "LABELED_OFFSET", "TRAIN_SLICES", "Case", "Evaluation", "HeldoutSplit", "evaluation",
-           "heldout_split", "training_pair"]
+__all__ = ["FOLDS", "LABELED_OFFSET", "Case", "Evaluation", "HeldoutSplit", "evaluation", "heldout_split",
+           "training_pairs"]
 
-#: Slices of the labeled CT in each part, and where the labeled CT starts in the full scan.
-EVALUATION_SLICES, TRAIN_SLICES, LABELED_OFFSET = range(0, 10), range(10, 30), 82
+#: The labeled CT's slices each fold holds out for evaluation (the rest of its 30 slices train), and where the
+#: labeled CT starts in the full scan.
+FOLDS, LABELED_OFFSET = (range(0, 10), range(10, 20)), 82
+LABELED_SLICES = range(0, 30)
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ class Case:
 class HeldoutSplit:
     """The written parts (see the module docstring)."""
 
-    train: Case
+    train: tuple[Case, ...]
     calibration: tuple[Case, ...]
     evaluation: Case
     context: Path
@@ -79,8 +92,15 @@ def _slab(image: nib.Nifti1Image, slices: range, dtype: type) -> nib.Nifti1Image
     return out
 
 
-def heldout_split(out: str | Path) -> HeldoutSplit:
-    """Write the split into ``out`` (``train/``, ``calibration/``, ``evaluation/``; files are replaced)."""
+def heldout_split(out: str | Path, fold: int = 0) -> HeldoutSplit:
+    """Write fold ``fold``'s split into ``out`` (``train/``, ``calibration/``, ``evaluation/``; files are replaced).
+
+    Raises:
+        ValueError: ``fold`` is not one of :data:`FOLDS`, or ``out`` holds another split's images (another fold's
+            calibration images could hold this fold's evaluation slab).
+    """
+    if fold not in range(len(FOLDS)):
+        raise ValueError(f"fold {fold} does not exist; the bundled CT has folds {list(range(len(FOLDS)))}")
     out = Path(out)
     root = sample_dataset()
     labeled = nib.load(str(root / "imagesTr" / "ct_abdomen.nii.gz"))
@@ -106,16 +126,25 @@ def heldout_split(out: str | Path) -> HeldoutSplit:
             nib.save(_slab(label_full, slices, np.uint8), str(label))
         return Case(image, label, slices)
 
-    train = shifted(TRAIN_SLICES)
+    held = FOLDS[fold]
+    slabs = [shifted(r) for r in (range(LABELED_SLICES.start, held.start), range(held.stop, LABELED_SLICES.stop))
+             if len(r)]
+    names = [""] if len(slabs) == 1 else [f"_{i + 1}" for i in range(len(slabs))]
     thirds = [round(i * LABELED_OFFSET / 3) for i in range(4)]
-    return HeldoutSplit(
-        train=write("train", "train", train, True),
-        calibration=(write("calibration", "abdomen", train, False),
+    split = HeldoutSplit(
+        train=tuple(write("train", f"train{n}", r, True) for n, r in zip(names, slabs)),
+        calibration=(*(write("calibration", f"abdomen{n}", r, False) for n, r in zip(names, slabs)),
                      *(write("calibration", f"lower_{i + 1}", range(thirds[i], thirds[i + 1]), False)
                        for i in range(3))),
-        evaluation=write("evaluation", "evaluation", shifted(EVALUATION_SLICES), True),
+        evaluation=write("evaluation", "evaluation", shifted(held), True),
         context=root / "unlabeled" / "ct_abdomen_full.nii.gz",
     )
+    stale = [f"{part}/{p.name}" for part, cases in (("train", split.train), ("calibration", split.calibration))
+             for p in sorted((out / part).glob("*.nii*")) if p.name not in {c.image.name for c in cases}]
+    if stale:
+        raise ValueError(f"{out} also holds {stale}, from another split (they could hold this fold's evaluation "
+                         "slab); write each fold into its own empty folder")
+    return split
 
 
 @dataclass(frozen=True)
@@ -153,10 +182,14 @@ def evaluation(split: HeldoutSplit, preprocessing: Preprocessing) -> Evaluation:
     return Evaluation(preprocessing.apply(scan), torch.from_numpy(slab.label), scored, spacing)  # type: ignore[arg-type]
 
 
-def training_pair(split: HeldoutSplit, preprocessing: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training slab prepared with ``preprocessing`` and its labels, ``((C, X, Y, Z), (X, Y, Z))``."""
+def training_pairs(split: HeldoutSplit, preprocessing: Preprocessing) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The training slabs prepared with ``preprocessing`` and their labels: ``[(C, X, Y, Z), ...], [(X, Y, Z), ...]``."""
     from prunekit3d.data import read_labels, read_volumes
 
-    (volume,) = read_volumes(split.train.image)
-    read_labels(split.train.label, [volume])
-    return preprocessing.apply(volume), torch.from_numpy(volume.label)
+    images, labels = [], []
+    for case in split.train:
+        (volume,) = read_volumes(case.image)
+        read_labels(case.label, [volume])
+        images.append(preprocessing.apply(volume))
+        labels.append(torch.from_numpy(volume.label))
+    return images, labels
