@@ -54,10 +54,10 @@ class CompressConfig(JsonRecord):
         blockwise_epochs: block-wise distillation of the light branches.
         epochs: end-to-end distillation with progressive pruning of light branches.
         finetune_epochs: end-to-end distillation of the slim network, shared by the channel-pruning rounds.
-            96 instead of 48 (held-out benchmark, --target-flops 0.3, Taylor ranking, three seeds): held-out Dice
-            0.683 instead of 0.666 (DynUNet) and 0.595 instead of 0.557 (PlainConvUNet), agreement 0.85 / 0.83
-            instead of 0.80 / 0.78, in 1.7x the time (460 s instead of 270 s on 2 cores); with one seed,
-            BasicUNet +2.7 points and SegResNet -7.0. 48 keeps the default run within 10 minutes.
+            96 instead of 48 (held-out benchmark, --target-flops 0.3, both folds, three seeds each, paired): held-out
+            Dice +2.9 ± 2.2 points and agreement +0.04 on PlainConvUNet, +0.2 ± 5.9 points on DynUNet, in 1.7x
+            the time (460 s instead of 270 s on 2 cores); with one seed on fold 0, BasicUNet +2.7 points and
+            SegResNet -7.0. 48 keeps the default run within 10 minutes.
         channel_rounds: channel pruning is spread over this many rounds (when channels must go at all).
         prune_rounds: how many of those rounds prune: the budget is reached at this round and the rounds after
             it distil at the final widths (None: every round prunes).
