@@ -31,9 +31,12 @@ def test_no_evaluation_slice_is_in_a_training_or_calibration_file(tmp_path, fold
 
 
 def test_a_folder_holding_another_fold_is_refused(tmp_path) -> None:
-    heldout_split(tmp_path, 0)
+    first = heldout_split(tmp_path, 0)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.nii.gz")}
     # fold 0's training slab (calibration/abdomen.nii.gz) is fold 1's evaluation slab
     with pytest.raises(ValueError, match=r"calibration/abdomen.nii.gz.*its own empty folder"):
         heldout_split(tmp_path, 1)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.nii.gz")} == before  # fold 0's split left as it was
+    assert first.evaluation.image in before
     with pytest.raises(ValueError, match="fold 2 does not exist"):
         heldout_split(tmp_path / "other", 2)

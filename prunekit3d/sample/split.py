@@ -129,21 +129,23 @@ def heldout_split(out: str | Path, fold: int = 0) -> HeldoutSplit:
     held = FOLDS[fold]
     slabs = [shifted(r) for r in (range(LABELED_SLICES.start, held.start), range(held.stop, LABELED_SLICES.stop))
              if len(r)]
-    names = [""] if len(slabs) == 1 else [f"_{i + 1}" for i in range(len(slabs))]
+    tags = [""] if len(slabs) == 1 else [f"_{i + 1}" for i in range(len(slabs))]
     thirds = [round(i * LABELED_OFFSET / 3) for i in range(4)]
-    split = HeldoutSplit(
-        train=tuple(write("train", f"train{n}", r, True) for n, r in zip(names, slabs)),
-        calibration=(*(write("calibration", f"abdomen{n}", r, False) for n, r in zip(names, slabs)),
-                     *(write("calibration", f"lower_{i + 1}", range(thirds[i], thirds[i + 1]), False)
-                       for i in range(3))),
-        evaluation=write("evaluation", "evaluation", shifted(held), True),
-        context=root / "unlabeled" / "ct_abdomen_full.nii.gz",
-    )
-    stale = [f"{part}/{p.name}" for part, cases in (("train", split.train), ("calibration", split.calibration))
-             for p in sorted((out / part).glob("*.nii*")) if p.name not in {c.image.name for c in cases}]
+    train = {f"train{t}": r for t, r in zip(tags, slabs)}
+    calibration = {**{f"abdomen{t}": r for t, r in zip(tags, slabs)},
+                   **{f"lower_{i + 1}": range(thirds[i], thirds[i + 1]) for i in range(3)}}
+    # checked before anything is written, so that another fold's split is left as it was
+    stale = [f"{part}/{p.name}" for part, names in (("train", train), ("calibration", calibration))
+             for p in sorted((out / part).glob("*.nii*")) if p.name.removesuffix(".nii.gz") not in names]
     if stale:
         raise ValueError(f"{out} also holds {stale}, from another split (they could hold this fold's evaluation "
                          "slab); write each fold into its own empty folder")
+    split = HeldoutSplit(
+        train=tuple(write("train", name, r, True) for name, r in train.items()),
+        calibration=tuple(write("calibration", name, r, False) for name, r in calibration.items()),
+        evaluation=write("evaluation", "evaluation", shifted(held), True),
+        context=root / "unlabeled" / "ct_abdomen_full.nii.gz",
+    )
     return split
 
 
