@@ -168,7 +168,9 @@ def main() -> None:
                 rows.append({"family": family, "variant": variant, "seed": seed, "settings": extra,
                              "compress_s": seconds,
                              **costs(small, baseline), **held_out.scores(small, baseline, PATCH),
-                             "agreement_reported": report.get("agreement_dice")})
+                             "agreement_reported": report.get("agreement_dice"),
+                             # the held-out calibration volume's agreement per epoch of the last round, and the kept one
+                             "best_epoch": report.get("best_epoch")})
                 _save(results_file, rows, args)
             # a resumed run still trains the plain student of a budget compressed before
             if variant == args.student_budget and (family, f"plain student {variant}", 0) not in done:

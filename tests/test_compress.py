@@ -353,6 +353,19 @@ def test_a_single_volume_is_split_into_disjoint_parts() -> None:
                    for i in range(kept.shape[1 + axis]) for j in range(held.shape[1 + axis]))
 
 
+def test_the_last_round_distils_on_only_while_its_held_out_agreement_still_rises() -> None:
+    from prunekit3d.recipes.compress.run import EXTEND_PATIENCE, keeps_distilling
+
+    epochs = 16
+    assert all(keeps_distilling(e, epochs, 0, None) for e in range(epochs))  # the epochs asked for always run
+    assert not keeps_distilling(epochs, epochs, 0, epochs - 1)  # nothing more without an extension
+    recent, stale = epochs - 1 - EXTEND_PATIENCE, epochs - 2 - EXTEND_PATIENCE
+    assert keeps_distilling(epochs, epochs, epochs, recent)  # the best epoch is recent: still rising, go on
+    assert not keeps_distilling(epochs, epochs, epochs, stale)  # levelled off: stop on time
+    assert not keeps_distilling(epochs, epochs, epochs, None)  # nothing scored, nothing to follow
+    assert not keeps_distilling(2 * epochs, epochs, epochs, 2 * epochs - 1)  # at most ``extend`` epochs more
+
+
 def test_compressing_a_trained_network_keeps_agreement_on_a_held_out_volume(tmp_path, capsys) -> None:
     # The demo's shipped baseline (trained on the bundled CT's training slab), at a mild budget, calibrated on the
     # split's four unlabeled calibration volumes; the last by name is held out: agreement is measured there, and
@@ -378,8 +391,13 @@ def test_compressing_a_trained_network_keeps_agreement_on_a_held_out_volume(tmp_
     assert scores["dice"] >= held_out.scores(original, None, PATCH)["dice"] - 0.1
     # --min-agreement 0.999 is not reached: the report, its markdown and the console say so
     assert any("--min-agreement 0.999" in w for w in report["warnings"])
-    assert "--min-agreement 0.999" in (tmp_path / "out" / "report.md").read_text()
-    assert "--min-agreement 0.999" in capsys.readouterr().out
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "--min-agreement 0.999" in text and "--min-agreement 0.999" in capsys.readouterr().out
+    # the held-out volume also chose the epoch kept: the report says so, so nobody reads it as unseen-data agreement;
+    # two epochs asked, and a best at most two epochs old carries the last round on to twice that
+    best = report["best_epoch"]
+    assert len(best["scores"]) == 4 and best["score"] == pytest.approx(report["agreement_dice"], abs=1e-4)
+    assert f"the best of 4: {min(best['scores']):.3f}-{max(best['scores']):.3f}" in text
 
 
 def test_a_flop_budget_that_one_ratio_cannot_reach_is_met_by_ranking_all_channels(tmp_path) -> None:

@@ -53,8 +53,11 @@ def channel_pruning(run: CompressRun) -> nn.Module:
     """Phase 3: channel pruning in rounds toward the budget, each round followed by end-to-end distillation.
 
     Pruning a little at a time and letting the network recover in between keeps far more of the original's
-    function than one cut to the budget. With nothing to prune, one round of distillation alone. Each round
-    writes ``pruned-<r>`` (right after pruning) and ``round-<r>`` (distilled) into the partial directory.
+    function than one cut to the budget. With nothing to prune, one round of distillation alone. The last round
+    is scored on the held-out calibration data after every epoch, keeps its best epoch, and distils on (up to
+    twice its epochs) while that score still rises: the students that end worst are those the last cut set
+    furthest back, still climbing when a fixed schedule stops. Each round writes ``pruned-<r>`` (right after
+    pruning) and ``round-<r>`` (distilled) into the partial directory.
     """
     cfg = run.cfg
     started = time.perf_counter()
@@ -90,7 +93,8 @@ def channel_pruning(run: CompressRun) -> nn.Module:
                              lambda images, labels: distill_step(
                                  run.teacher, model, images, optimizer, labels=labels, temperature=cfg.temperature,
                                  features=features, feature_weight=cfg.feature_weight),
-                             score=run.agreement if last else None)
+                             score=run.agreement if last else None,
+                             extend=epochs if last else 0)
         finally:
             if features is not None:
                 features.close()

@@ -210,6 +210,11 @@ def markdown_report(report: dict[str, Any], before: ModelReport, after: ModelRep
     lines += ["", f"Agreement measured on {report['agreement_measured_on']}, which distillation never saw."
               if report["agreement_measured_on"] != "the distillation data itself"
               else "Agreement measured on the distillation data itself (nothing was held out)."]
+    best = report.get("best_epoch")
+    if best and len(best.get("scores", [])) > 1:  # the kept epoch is the one that scored best on the same data
+        lines[-1] += (f" The same figure chose the epoch kept (epoch {best['epoch'] + 1}, the best of "
+                      f"{len(best['scores'])}: {min(best['scores']):.3f}-{max(best['scores']):.3f}), so on images "
+                      "nothing saw expect it lower.")
     lines += ["", *(f"**Warning:** {w}" for w in report.get("warnings", []))]
     threads = f"{before.threads} thread{'s' if before.threads != 1 else ''}"
     size = "x".join(map(str, before.input_size))

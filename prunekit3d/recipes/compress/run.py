@@ -38,10 +38,23 @@ from prunekit3d.sources import first_conv
 from prunekit3d.sources.formats import Source, open_source
 from prunekit3d.wrap import redundant_modules
 
-__all__ = ["RUN_FORMAT", "CompressRun", "HeldOut", "Unreachable", "hold_out", "partial_dir"]
+__all__ = ["EXTEND_PATIENCE", "RUN_FORMAT", "CompressRun", "HeldOut", "Unreachable", "hold_out", "keeps_distilling",
+           "partial_dir"]
 
 #: Marks the resume state (``DIR.partial/state.json``) of this version of the pipeline.
 RUN_FORMAT = "prunekit3d.compress-run/2"
+#: How many epochs old the best held-out score may be for the last round's distillation to go on past its epochs.
+EXTEND_PATIENCE = 2
+
+
+def keeps_distilling(epoch: int, epochs: int, extend: int, best_epoch: int | None) -> bool:
+    """Whether epoch ``epoch`` (from 0) runs: each of the first ``epochs``, then up to ``extend`` more while the
+    best score so far (at ``best_epoch``) is at most :data:`EXTEND_PATIENCE` epochs old."""
+    if epoch < epochs:
+        return True
+    if epoch >= epochs + extend or best_epoch is None:
+        return False
+    return (epoch - 1) - best_epoch <= EXTEND_PATIENCE
 
 
 def partial_dir(out: str | Path) -> Path:
@@ -314,13 +327,17 @@ class CompressRun:
         step: Callable[[torch.Tensor, torch.Tensor | None], float],
         pruner: ProgressivePruner | None = None,
         score: Callable[[nn.Module], float] | None = None,
+        extend: int = 0,
     ) -> dict[str, Any] | None:
         """``epochs`` epochs of ``step(images, labels) -> loss`` on random patches, checkpointed after every epoch
         and continued from the last checkpoint on resume. The learning rate stays constant: a cosine decay
         measured worse on held-out data (``benchmarks/results/ablation-dynunet-flops0.3.md``).
 
         With ``score`` (higher is better, e.g. the held-out agreement), the model is scored after every epoch
-        and ends with the weights of its best epoch; returns ``{"epoch", "score", "scores"}`` then."""
+        and ends with the weights of its best epoch; returns ``{"epoch", "score", "scores"}`` then. With ``extend``
+        too, training goes on past ``epochs`` (up to ``extend`` epochs more) while the best score is at most
+        ``EXTEND_PATIENCE`` epochs old: a student still recovering from a cut gets the steps it needs, one that has
+        levelled off stops on time."""
         saved = self.restore(model, optimizer, phase)
         if saved and pruner is not None:
             pruner.load_state_dict(saved["pruner"])
@@ -330,8 +347,10 @@ class CompressRun:
         iters = self.cfg.iters_per_epoch
         model.eval()  # see prunekit3d.recipes.compress.distill: the student learns the function inference computes
         with self.progress() as bar:
-            task = bar.add_task(title, total=epochs * iters, completed=first * iters, info="")
-            for epoch in range(first, epochs):
+            task = bar.add_task(title, total=max(epochs, first) * iters, completed=first * iters, info="")
+            epoch = first
+            while keeps_distilling(epoch, epochs, extend if score is not None else 0, best.get("epoch")):
+                bar.update(task, total=max(epochs, epoch + 1) * iters)
                 generator = self.generator(zlib.crc32(phase.encode()), epoch)
                 losses = []
                 for _ in range(iters):
@@ -353,6 +372,7 @@ class CompressRun:
                         save_checkpoint(self.partial / f"best-{phase}", model, None, {"epoch": epoch})  # weights only
                     progress["best"] = best
                 self.checkpoint(model, optimizer, progress)
+                epoch += 1
         if score is not None and "epoch" in best:
             load_checkpoint(self.partial / f"best-{phase}", model, None, self.device)
         self.drop_graph(model)
