@@ -49,10 +49,11 @@ EXTEND_PATIENCE = 2
 
 def keeps_distilling(epoch: int, epochs: int, extend: int, best_epoch: int | None) -> bool:
     """Whether epoch ``epoch`` (from 0) runs: each of the first ``epochs``, then up to ``extend`` more while the
-    best score so far (at ``best_epoch``) is at most :data:`EXTEND_PATIENCE` epochs old."""
+    best score so far (at ``best_epoch``) is at most :data:`EXTEND_PATIENCE` epochs old. A round of at most
+    ``2 * EXTEND_PATIENCE`` epochs is not extended: its best epoch is always that recent, rising or not."""
     if epoch < epochs:
         return True
-    if epoch >= epochs + extend or best_epoch is None:
+    if epoch >= epochs + extend or best_epoch is None or epochs <= 2 * EXTEND_PATIENCE:
         return False
     return (epoch - 1) - best_epoch <= EXTEND_PATIENCE
 
