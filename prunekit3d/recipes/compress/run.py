@@ -350,7 +350,7 @@ class CompressRun:
         with self.progress() as bar:
             task = bar.add_task(title, total=max(epochs, first) * iters, completed=first * iters, info="")
             epoch = first
-            while keeps_distilling(epoch, epochs, extend if score is not None else 0, best.get("epoch")):
+            while keeps_distilling(epoch, epochs, extend, best.get("epoch")):  # unscored: no best, no extension
                 bar.update(task, total=max(epochs, epoch + 1) * iters)
                 generator = self.generator(zlib.crc32(phase.encode()), epoch)
                 losses = []
