@@ -211,11 +211,13 @@ class CompressRun:
         self.example = torch.zeros(1, self.in_channels, *self.patch)
         self.teacher.to(self.device)
         self.teacher.eval()
-        foreground = [self.segment(self.teacher, x) > 0 for x in images]
-        self.split = hold_out(names, images, labels, cfg.holdout, self.patch, foreground)
+        whole = [self.segment(self.teacher, x) for x in images]
+        self.split = hold_out(names, images, labels, cfg.holdout, self.patch, [s > 0 for s in whole])
         # The original's own segmentation: where distillation patches centre, and what agreement compares with.
-        self.teacher_seg = {part: [self.segment(self.teacher, x) for x in self.split.images[part]]
-                            for part in ("distill", "held_out")}
+        # A part that is a whole volume reuses it; the cut-down volume of a held-out slab is segmented as it is.
+        segmented = {id(x): s for x, s in zip(images, whole)}
+        self.teacher_seg = {part: [segmented[id(x)] if id(x) in segmented else self.segment(self.teacher, x)
+                                   for x in self.split.images[part]] for part in ("distill", "held_out")}
         sampling = self.split.labels["distill"] if labels is not None else self.teacher_seg["distill"]
         augment = distillation_augmentation() if cfg.augment else ()
         self.sampler = PatchSampler(self.split.images["distill"], sampling, self.patch,
